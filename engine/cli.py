@@ -1,0 +1,130 @@
+"""`twin` command line. User errors print one line (no traceback) and exit with EXIT_USER.
+
+Exit codes: 0 ok; 1 internal error; 2 bad input; 3 audit failure; 75 interrupted by
+SIGTERM/SIGINT after flushing finished chunks (rerun the same command to resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import EXIT_INTERNAL, EXIT_OK, EXIT_USER, TwinError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="twin", description="twin-engine: batch simulation of virtual patient cohorts")
+    p.add_argument("--version", action="version", version=f"twin-engine {__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    r = sub.add_parser("run", help="run or resume a job (also under mpiexec/srun)")
+    r.add_argument("job", help="job file (.toml)")
+    r.add_argument("-o", "--output", help="run directory (default runs/<job name>)")
+    r.add_argument("-q", "--quiet", action="store_true", help="no progress bar (batch logs)")
+
+    v = sub.add_parser("validate", help="check a job file and print what it would run")
+    v.add_argument("job")
+
+    s = sub.add_parser("summary", help="per-arm statistics of a result (Dask)")
+    s.add_argument("result", help="RUN.h5 or run directory")
+
+    rp = sub.add_parser("report", help="PNG plots of a result")
+    rp.add_argument("result", help="RUN.h5 or run directory")
+    rp.add_argument("-o", "--output", required=True, help="directory for the plots")
+
+    a = sub.add_parser("audit", help="verify a run's audit chain and result digest")
+    a.add_argument("run_dir")
+    return p
+
+
+def _is_rank0() -> bool:
+    for k in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "SLURM_PROCID"):
+        if k in os.environ:
+            return os.environ[k] == "0"
+    return True
+
+
+def _cmd_run(args) -> int:
+    from .config import load_job
+    from .parallel import world
+    from .runner import run
+
+    loaded = load_job(args.job)
+    out = Path(args.output) if args.output else Path("runs") / loaded.job.job.name
+    comm = world()
+    return run(loaded, out, comm, quiet=args.quiet)
+
+
+def _cmd_validate(args) -> int:
+    from .config import load_job
+    from .models import get_model
+
+    loaded = load_job(args.job)
+    j = loaded.job
+    model = get_model(j.model.name)
+    n = j.cohort.size if j.cohort.size is not None else f"CSV {j.cohort.csv.path}"
+    n_chunks = f"{-(-j.cohort.size // j.job.chunk_size)} chunks of {j.job.chunk_size}" if j.cohort.size else f"chunks of {j.job.chunk_size}"
+    print(f"{args.job}: ok")
+    print(f"  job {j.job.name}: model {model.name}, {n} patients in {n_chunks}, seed {j.job.seed}, backend {j.job.backend}")
+    print(f"  arms: {', '.join(a.name for a in j.arms)}; outputs {', '.join(j.outputs.variables)} "
+          f"at {len(j.outputs.time_values())} times; sha256 {loaded.sha256[:16]}")
+    return EXIT_OK
+
+
+def _cmd_summary(args) -> int:
+    from .analysis import summary
+
+    print(summary(args.result))
+    return EXIT_OK
+
+
+def _cmd_report(args) -> int:
+    from .analysis import report
+
+    paths = report(args.result, args.output)
+    for p in paths:
+        print(p)
+    return EXIT_OK
+
+
+def _cmd_audit(args) -> int:
+    from .errors import EXIT_AUDIT
+    from .provenance import verify
+
+    problems = verify(args.run_dir)
+    if problems:
+        for p in problems:
+            print(f"twin audit: {p}", file=sys.stderr)
+        return EXIT_AUDIT
+    print(f"{args.run_dir}: audit chain and result digest verified")
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    cmd = {"run": _cmd_run, "validate": _cmd_validate, "summary": _cmd_summary, "report": _cmd_report,
+           "audit": _cmd_audit}[args.cmd]
+    try:
+        return cmd(args)
+    except TwinError as e:
+        if _is_rank0():
+            print(f"twin: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("twin: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK
+    except Exception:  # noqa: BLE001
+        import traceback
+
+        traceback.print_exc()
+        print("twin: internal error (a bug: please report it with the traceback above)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

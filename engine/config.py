@@ -1,0 +1,449 @@
+"""Job files: TOML validated by pydantic, in one place.
+
+Every error names the key (dotted path), the bad value and what is allowed. Unknown keys are
+rejected. Nothing in a job file is evaluated: only numbers, strings and lists are read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+import numpy as np
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from .errors import JobError
+
+Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")]
+Pos = Annotated[float, Field(gt=0)]
+NonNeg = Annotated[float, Field(ge=0)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
+
+
+# ---------------------------------------------------------------- job / solver
+class JobSection(Strict):
+    name: Name
+    description: str = ""
+    seed: Annotated[int, Field(ge=0, lt=2**63)]
+    chunk_size: Annotated[int, Field(ge=1, le=10_000_000)] = 1000
+    backend: Literal["auto", "numpy", "cpu", "cuda"] = "auto"
+
+
+class SolverSection(Strict):
+    method: Literal["dopri5", "rk4"] = "dopri5"
+    rtol: Annotated[float, Field(gt=0, lt=1)] = 1e-8
+    atol: Annotated[float, Field(gt=0)] = 1e-10
+    max_steps: Annotated[int, Field(ge=1)] = 1_000_000
+    dt: Pos = 0.01  # fixed step (rk4 only), in the model's time unit
+    first_step: Pos | None = None
+
+
+class ModelSection(Strict):
+    name: Name
+    parameters: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("parameters")
+    @classmethod
+    def _finite(cls, v: dict[str, float]) -> dict[str, float]:
+        for k, x in v.items():
+            if not math.isfinite(x):
+                raise ValueError(f"parameter {k!r} must be a finite number, got {x}")
+        return v
+
+
+# ---------------------------------------------------------------- cohort
+class NormalDist(Strict):
+    distribution: Literal["normal"]
+    mean: float
+    sd: Pos
+    low: float | None = None  # truncation bounds (optional)
+    high: float | None = None
+    unit: str = ""
+
+    @model_validator(mode="after")
+    def _bounds(self):
+        _check_bounds(self.low, self.high)
+        return self
+
+
+class LogNormalDist(Strict):
+    distribution: Literal["lognormal"]
+    median: Pos
+    sd_log: Pos  # standard deviation of log(x)
+    low: float | None = None
+    high: float | None = None
+    unit: str = ""
+
+    @model_validator(mode="after")
+    def _bounds(self):
+        _check_bounds(self.low, self.high)
+        if self.high is not None and self.high <= 0:
+            raise ValueError(f"high={self.high} must be > 0 for a log-normal")
+        return self
+
+
+class UniformDist(Strict):
+    distribution: Literal["uniform"]
+    low: float
+    high: float
+    unit: str = ""
+
+    @model_validator(mode="after")
+    def _bounds(self):
+        _check_bounds(self.low, self.high)
+        return self
+
+
+class CategoricalDist(Strict):
+    distribution: Literal["categorical"]
+    categories: Annotated[list[Name], Field(min_length=1)]
+    probabilities: Annotated[list[NonNeg], Field(min_length=1)]
+    unit: str = ""
+
+    @model_validator(mode="after")
+    def _probs(self):
+        if len(self.categories) != len(self.probabilities):
+            raise ValueError(
+                f"categories has {len(self.categories)} entries but probabilities has "
+                f"{len(self.probabilities)}"
+            )
+        if len(set(self.categories)) != len(self.categories):
+            raise ValueError(f"categories {self.categories} contain duplicates")
+        s = sum(self.probabilities)
+        if abs(s - 1.0) > 1e-9:
+            raise ValueError(f"probabilities {self.probabilities} sum to {s}, must sum to 1")
+        return self
+
+
+class ConstantDist(Strict):
+    distribution: Literal["constant"]
+    value: float
+    unit: str = ""
+
+
+Distribution = Annotated[
+    Union[NormalDist, LogNormalDist, UniformDist, CategoricalDist, ConstantDist],
+    Field(discriminator="distribution"),
+]
+
+
+def _check_bounds(low: float | None, high: float | None) -> None:
+    if low is not None and high is not None and not low < high:
+        raise ValueError(f"low={low} must be < high={high}")
+
+
+def _check_matrix(m: list[list[float]], n: int, what: str, unit_diag: bool) -> None:
+    a = np.asarray(m, dtype=float)
+    if a.shape != (n, n):
+        raise ValueError(f"{what} must be {n}x{n}, got shape {list(a.shape)}")
+    if not np.allclose(a, a.T, rtol=0, atol=1e-12):
+        raise ValueError(f"{what} must be symmetric")
+    if unit_diag and not np.allclose(np.diag(a), 1.0, rtol=0, atol=1e-12):
+        raise ValueError(f"{what} must have ones on the diagonal")
+    if unit_diag and np.any(np.abs(a) > 1 + 1e-12):
+        raise ValueError(f"{what} entries must lie in [-1, 1]")
+    if n and np.linalg.eigvalsh(a).min() < -1e-10:
+        raise ValueError(f"{what} must be positive semi-definite")
+
+
+class Correlation(Strict):
+    """Gaussian-copula correlation between continuous covariates."""
+
+    variables: Annotated[list[Name], Field(min_length=2)]
+    matrix: list[list[float]]
+
+    @model_validator(mode="after")
+    def _m(self):
+        if len(set(self.variables)) != len(self.variables):
+            raise ValueError(f"variables {self.variables} contain duplicates")
+        _check_matrix(self.matrix, len(self.variables), "matrix", unit_diag=True)
+        return self
+
+
+class Variability(Strict):
+    """Inter-individual variability: P_i = P_typ * exp(eta_i), eta ~ N(0, omega)."""
+
+    parameters: Annotated[list[Name], Field(min_length=1)]
+    omega: list[list[float]]
+
+    @model_validator(mode="after")
+    def _m(self):
+        if len(set(self.parameters)) != len(self.parameters):
+            raise ValueError(f"parameters {self.parameters} contain duplicates")
+        _check_matrix(self.omega, len(self.parameters), "omega", unit_diag=False)
+        if np.any(np.diag(np.asarray(self.omega, dtype=float)) < 0):
+            raise ValueError("omega must have non-negative variances on the diagonal")
+        return self
+
+
+class CovariateEffect(Strict):
+    """Covariate model on a typical parameter value.
+
+    power:       P *= (cov / reference) ** exponent       (allometric scaling: exponent 0.75 / 1)
+    linear:      P *= 1 + slope * (cov - reference)
+    exponential: P *= exp(slope * (cov - reference))
+    categorical: P *= factors[category]
+    """
+
+    parameter: Name
+    covariate: Name
+    model: Literal["power", "linear", "exponential", "categorical"]
+    reference: Pos | None = None
+    exponent: float | None = None
+    slope: float | None = None
+    factors: dict[str, Pos] | None = None
+
+    @model_validator(mode="after")
+    def _fields(self):
+        need = {
+            "power": ("reference", "exponent"),
+            "linear": ("reference", "slope"),
+            "exponential": ("reference", "slope"),
+            "categorical": ("factors",),
+        }[self.model]
+        for k in need:
+            if getattr(self, k) is None:
+                raise ValueError(f"model={self.model!r} needs '{k}'")
+        return self
+
+
+class CsvColumn(Strict):
+    column: str
+    unit: str = ""
+    categories: list[Name] | None = None  # categorical covariate: allowed values in the CSV
+
+
+class CsvCohort(Strict):
+    path: str
+    id_column: str
+    consent_column: str
+    key_env: str = "TWIN_PSEUDONYM_KEY"
+    key_file: str | None = None
+    covariates: dict[Name, CsvColumn] = Field(default_factory=dict)
+    parameters: dict[Name, CsvColumn] = Field(default_factory=dict)  # individual values
+
+
+class CohortSection(Strict):
+    size: Annotated[int, Field(ge=1, le=2**40)] | None = None
+    covariates: dict[Name, Distribution] = Field(default_factory=dict)
+    correlation: Correlation | None = None
+    variability: Variability | None = None
+    covariate_effects: list[CovariateEffect] = Field(default_factory=list)
+    csv: CsvCohort | None = None
+
+    @model_validator(mode="after")
+    def _source(self):
+        if self.csv is None and self.size is None:
+            raise ValueError("give either 'size' (virtual cohort) or a [cohort.csv] table")
+        if self.csv is not None and self.size is not None:
+            raise ValueError("'size' and [cohort.csv] are exclusive: a CSV cohort has one patient per row")
+        if self.csv is not None and self.covariates:
+            raise ValueError("[cohort.covariates] cannot be combined with [cohort.csv]; map CSV columns in [cohort.csv.covariates]")
+        known = set(self.covariates) | (set(self.csv.covariates) if self.csv else set())
+        if self.correlation is not None:
+            for v in self.correlation.variables:
+                if v not in self.covariates:
+                    raise ValueError(f"correlation variable {v!r} is not a declared covariate ({sorted(self.covariates)})")
+                if isinstance(self.covariates[v], (CategoricalDist, ConstantDist)):
+                    raise ValueError(f"correlation variable {v!r} must be continuous")
+        for i, e in enumerate(self.covariate_effects):
+            if e.covariate not in known:
+                raise ValueError(f"covariate_effects[{i}].covariate {e.covariate!r} is not a covariate ({sorted(known)})")
+        return self
+
+
+# ---------------------------------------------------------------- arms / doses
+class Dose(Strict):
+    amount: Pos
+    route: Literal["iv_bolus", "iv_infusion", "oral"]
+    time: NonNeg = 0.0  # first dose
+    interval: Pos | None = None
+    count: Annotated[int, Field(ge=1, le=100_000)] = 1
+    duration: Pos | None = None  # infusion only
+    unit: str = "mg"
+
+    @model_validator(mode="after")
+    def _route(self):
+        if self.route == "iv_infusion" and self.duration is None:
+            raise ValueError("route 'iv_infusion' needs 'duration'")
+        if self.route != "iv_infusion" and self.duration is not None:
+            raise ValueError(f"'duration' is only allowed with route 'iv_infusion', not {self.route!r}")
+        if self.count > 1 and self.interval is None:
+            raise ValueError(f"count={self.count} needs 'interval'")
+        if self.route == "iv_infusion" and self.interval is not None and self.duration > self.interval:
+            raise ValueError(f"duration={self.duration} is longer than interval={self.interval}")
+        return self
+
+    def times(self) -> np.ndarray:
+        return self.time + (self.interval or 0.0) * np.arange(self.count, dtype=float)
+
+
+class Arm(Strict):
+    name: Name
+    allocation: Pos = 1.0
+    doses: list[Dose] = Field(default_factory=list)
+
+
+# ---------------------------------------------------------------- outputs
+class TimeGrid(Strict):
+    start: NonNeg = 0.0
+    stop: Pos
+    step: Pos
+
+    @model_validator(mode="after")
+    def _g(self):
+        if self.stop <= self.start:
+            raise ValueError(f"stop={self.stop} must be > start={self.start}")
+        if (self.stop - self.start) / self.step > 10_000_000:
+            raise ValueError("more than 10^7 sample times")
+        return self
+
+    def values(self) -> np.ndarray:
+        n = int(math.floor((self.stop - self.start) / self.step + 1e-9)) + 1
+        return self.start + self.step * np.arange(n, dtype=float)
+
+
+class Biomarker(Strict):
+    name: Name
+    variable: Name
+    statistic: Literal["max", "min", "mean", "last", "argmax", "argmin", "auc", "time_above"]
+    threshold: float | None = None  # for time_above
+
+    @model_validator(mode="after")
+    def _t(self):
+        if self.statistic == "time_above" and self.threshold is None:
+            raise ValueError("statistic 'time_above' needs 'threshold'")
+        return self
+
+
+class OutputsSection(Strict):
+    times: TimeGrid | Annotated[list[NonNeg], Field(min_length=1)]
+    variables: Annotated[list[Name], Field(min_length=1)]
+    biomarkers: list[Biomarker] = Field(default_factory=list)
+
+    @field_validator("times")
+    @classmethod
+    def _inc(cls, v):
+        if isinstance(v, list) and any(b <= a for a, b in zip(v, v[1:])):
+            raise ValueError("sample times must be strictly increasing")
+        return v
+
+    def time_values(self) -> np.ndarray:
+        return self.times.values() if isinstance(self.times, TimeGrid) else np.asarray(self.times, float)
+
+
+# ---------------------------------------------------------------- job
+class Job(Strict):
+    job: JobSection
+    model: ModelSection
+    solver: SolverSection = SolverSection()
+    cohort: CohortSection
+    arms: Annotated[list[Arm], Field(min_length=1)]
+    outputs: OutputsSection
+
+    @model_validator(mode="after")
+    def _names(self):
+        names = [a.name for a in self.arms]
+        if len(set(names)) != len(names):
+            raise ValueError(f"arm names {names} must be unique")
+        bm = [b.name for b in self.outputs.biomarkers]
+        if len(set(bm)) != len(bm):
+            raise ValueError(f"biomarker names {bm} must be unique")
+        return self
+
+
+class LoadedJob:
+    """A validated job plus its source text (kept verbatim for provenance) and location."""
+
+    def __init__(self, job: Job, text: str, path: Path):
+        self.job = job
+        self.text = text
+        self.path = path
+        self.sha256 = hashlib.sha256(text.encode()).hexdigest()
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent
+
+    def resolve(self, p: str) -> Path:
+        """Paths inside a job are relative to the job file."""
+        q = Path(p).expanduser()
+        return q if q.is_absolute() else (self.base_dir / q)
+
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            # pydantic puts discriminator tags and function names in loc; keep only keys
+            if part in ("normal", "lognormal", "uniform", "categorical", "constant") or "[" in str(part):
+                continue
+            out += ("." if out else "") + str(part)
+    return out or "<root>"
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    parts = []
+    for e in err.errors():
+        key = _loc(e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "missing":
+            parts.append(f"missing key '{key}'")
+        elif e["type"] == "extra_forbidden":
+            parts.append(f"unknown key '{key}' (not allowed here)")
+        else:
+            val = e.get("input")
+            sval = repr(val)
+            if len(sval) > 60:
+                sval = sval[:57] + "..."
+            parts.append(f"key '{key}' = {sval}: {msg}")
+    return f"{source}: " + "; ".join(parts)
+
+
+def parse_job(text: str, source: str = "<job>", path: Path | None = None) -> LoadedJob:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise JobError(f"{source}: malformed TOML: {e}") from None
+    try:
+        job = Job.model_validate(data)
+    except ValidationError as e:
+        raise JobError(format_validation_error(e, source)) from None
+    loaded = LoadedJob(job, text, path or Path(source))
+    # model-aware checks (parameter names, output names) live next to the model registry
+    from .models import check_job_against_model
+
+    check_job_against_model(loaded)
+    return loaded
+
+
+def load_job(path: str | Path) -> LoadedJob:
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise JobError(f"{p}: job file not found") from None
+    except IsADirectoryError:
+        raise JobError(f"{p}: is a directory, expected a .toml job file") from None
+    except PermissionError:
+        raise JobError(f"{p}: job file not readable (permission denied)") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise JobError(f"{p}: job file is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    return parse_job(text, str(p), p.resolve())

@@ -1,0 +1,53 @@
+"""Model registry: one place that maps a job's `model.name` to a declaration."""
+
+from __future__ import annotations
+
+from kernels.ode.model import Model
+
+from ..errors import JobError
+from .pkpd import PK_1CMT, PK_2CMT
+
+MODELS: dict[str, Model] = {m.name: m for m in (PK_1CMT, PK_2CMT)}
+
+
+def get_model(name: str) -> Model:
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise JobError(f"key 'model.name' = {name!r}: unknown model; available: {', '.join(sorted(MODELS))}") from None
+
+
+def check_job_against_model(loaded) -> None:
+    """Checks that need the model: parameter, output, biomarker and dose-route names."""
+    job, src = loaded.job, loaded.path
+    model = get_model(job.model.name)
+    pnames = model.parameter_names
+    for k in job.model.parameters:
+        if k not in pnames:
+            raise JobError(f"{src}: key 'model.parameters.{k}': unknown parameter of {model.name}; allowed: {', '.join(pnames)}")
+    typical = {**model.defaults(), **job.model.parameters}
+    for p in model.parameters:
+        if p.positive and typical[p.name] <= 0:
+            raise JobError(f"{src}: key 'model.parameters.{p.name}' = {typical[p.name]}: must be > 0")
+    obs = model.observable()
+    for i, v in enumerate(job.outputs.variables):
+        if v not in obs:
+            raise JobError(f"{src}: key 'outputs.variables[{i}]' = {v!r}: not an output of {model.name}; allowed: {', '.join(obs)}")
+    for i, b in enumerate(job.outputs.biomarkers):
+        if b.variable not in job.outputs.variables:
+            raise JobError(
+                f"{src}: key 'outputs.biomarkers[{i}].variable' = {b.variable!r}: must be one of outputs.variables {job.outputs.variables}"
+            )
+    coh = job.cohort
+    names = ([*coh.variability.parameters] if coh.variability else []) + [e.parameter for e in coh.covariate_effects]
+    if coh.csv:
+        names += list(coh.csv.parameters)
+    for n in names:
+        if n not in pnames:
+            raise JobError(f"{src}: cohort refers to parameter {n!r}, which {model.name} does not have; allowed: {', '.join(pnames)}")
+    for a, arm in enumerate(job.arms):
+        for d, dose in enumerate(arm.doses):
+            if dose.route not in model.doses:
+                raise JobError(
+                    f"{src}: key 'arms[{a}].doses[{d}].route' = {dose.route!r}: {model.name} accepts {', '.join(model.doses)}"
+                )
