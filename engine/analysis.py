@@ -82,8 +82,10 @@ def _check_master(p: Path) -> dict:
     virtual-dataset source). Returns what `open_run` needs to choose chunks."""
     import h5py
 
+    # default file locking, as h5netcdf uses: HDF5 refuses a second open of a file that is already
+    # open in this process (e.g. a Dataset from an earlier open_run) with different locking flags
     try:
-        f = h5py.File(p, "r", locking=False)
+        f = h5py.File(p, "r")
     except OSError as e:
         raise StoreError(f"{p} is not a readable HDF5 file ({_short(e)}); the run result is corrupt") from None
     try:
@@ -125,8 +127,10 @@ def _check_master(p: Path) -> dict:
         if found is None:
             raise StoreError(f"{p}: shard {src} (data of /{used_by}) is missing; the run directory is incomplete")
         try:
-            h5py.File(found, "r", locking=False).close()
+            h5py.File(found, "r").close()
         except OSError as e:
+            if "locking" in str(e):  # already open in this process (other flags): it exists and opens
+                continue
             raise StoreError(f"{p}: shard {found} is unreadable ({_short(e)}); the run result is corrupt") from None
     return info
 
@@ -349,7 +353,7 @@ def _compute(ds, quantiles: tuple[float, ...], with_all: bool, biomarker_values:
 SUMMARY_COLUMNS = ["arm", "kind", "variable", "units", "when", "time", "n", "mean", "p5", "p50", "p95"]
 
 
-def summary_table(path: str | os.PathLike):
+def summary_table(path: str | os.PathLike, chunks: int | None = None):
     """The numbers `summary` prints, as a tidy pandas.DataFrame (one dask.compute).
 
     Columns: arm (arm name or "all arms"), kind ("count" | "biomarker" | "output"), variable,
@@ -363,7 +367,7 @@ def summary_table(path: str | os.PathLike):
     * kind "output": the same at the last sample time and at the time where the mean over ok
       patients is largest (one row if both coincide).
     """
-    ds = open_run(path)
+    ds = open_run(path, chunks=chunks)
     try:
         return _summary_frame(ds)
     finally:
@@ -416,7 +420,7 @@ def _fmt(x: float) -> str:
     return f"{x:.4g}"
 
 
-def summary(path: str | os.PathLike, width: int = 120) -> str:
+def summary(path: str | os.PathLike, width: int = 120, chunks: int | None = None) -> str:
     """A plain-text report of the run: provenance header and tables (see `summary_table`)."""
     from rich import box
     from rich.console import Console
@@ -427,7 +431,7 @@ def summary(path: str | os.PathLike, width: int = 120) -> str:
         t.add_row(*(Text(str(c)) for c in cells))
 
     p = _master_path(path)
-    ds = open_run(p)
+    ds = open_run(p, chunks=chunks)
     try:
         df = _summary_frame(ds)
         attrs = {k: _attr(ds, k) for k in ("job_name", "model", "backend", "device", "ranks", "n_patients",
@@ -505,7 +509,7 @@ def _label(var, name: str) -> str:
     return s + (f" [{units}]" if units else "")
 
 
-def report(path: str | os.PathLike, out_dir: str | os.PathLike) -> list[Path]:
+def report(path: str | os.PathLike, out_dir: str | os.PathLike, chunks: int | None = None) -> list[Path]:
     """Write PNG figures of the run into `out_dir` (created if needed); returns their paths.
 
     * `<output>_bands.png`: per output, median and 25–75 % / 5–95 % percentile bands over time of
@@ -518,10 +522,12 @@ def report(path: str | os.PathLike, out_dir: str | os.PathLike) -> list[Path]:
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import MaxNLocator
 
     out_dir = Path(out_dir)
     p = _master_path(path)
-    ds = open_run(p)
+    ds = open_run(p, chunks=chunks)
     try:
         st = _compute(ds, REPORT_QUANTILES, with_all=False, biomarker_values=True)
         time = np.asarray(ds["time"].values, dtype=float)
@@ -560,7 +566,10 @@ def report(path: str | os.PathLike, out_dir: str | os.PathLike) -> list[Path]:
         ax.set_ylabel(labels.get(o, o))
         ax.set_title(f"{job}: {o} — median, 25–75 % and 5–95 % of ok patients")
         ax.grid(True, alpha=0.3)
-        ax.legend(title="arm", loc="best")
+        handles, names = ax.get_legend_handles_labels()
+        handles += [Patch(color="0.5", alpha=0.5, linewidth=0), Patch(color="0.5", alpha=0.2, linewidth=0)]
+        names += ["25–75 %", "5–95 %"]
+        ax.legend(handles, names, title="arm (ok patients) / band", loc="best")
         save(fig, f"{_safe(o)}_bands.png")
 
     for b in (next(iter(st["bm_values"].values())) if st["bm_values"] else {}):
@@ -595,7 +604,7 @@ def report(path: str | os.PathLike, out_dir: str | os.PathLike) -> list[Path]:
         if any(other.values()):
             cats.append(("other code", other))
         cats = [(name, v) for name, v in cats if any(v.values())]
-        fig = Figure(figsize=(max(6, 1.6 * len(cats) + 3), 4.5), layout="constrained")
+        fig = Figure(figsize=(max(6, 1.6 * len(cats) + 3), 5), layout="constrained")
         ax = fig.add_subplot()
         x = np.arange(len(cats))
         w = 0.8 / max(len(arms), 1)
@@ -605,10 +614,12 @@ def report(path: str | os.PathLike, out_dir: str | os.PathLike) -> list[Path]:
                           label=f"{arm} ({st['counts'][arm]['failed']} of {st['counts'][arm]['patients']})")
             ax.bar_label(bars, padding=2)
         ax.set_xticks(x, [name for name, _ in cats])
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("failed patients")
         ax.set_xlabel("status")
         ax.set_title(f"{job}: failed patients by reason and arm")
-        ax.legend(title="arm (failed of patients)", loc="best")
-        ax.margins(y=0.15)
+        ax.legend(title="arm (failed of patients)", loc="upper center", bbox_to_anchor=(0.5, -0.16),
+                  ncol=min(len(arms), 4), frameon=False)
+        ax.margins(y=0.12)
         save(fig, "status.png")
     return written

@@ -426,70 +426,68 @@ class CsvCohortSource(CohortSource):
                 raise CohortError(
                     f"{path}: column {name!r} (cohort.csv.{where}) not found; columns present: {header}"
                 )
+        # column-wise from here on: vectorised string operations, not a Python loop per row
+        columns = list(zip(*rows))
+        del rows
+        cells = lambda name: pd.Series(columns[col[name]], dtype=object).str.strip()  # noqa: E731
 
         # consent: exclude withdrawn patients before anything else touches their row
-        ci = col[spec.consent_column]
-        keep = np.empty(len(rows), dtype=bool)
-        for r, (row, line) in enumerate(zip(rows, lines)):
-            v = row[ci].strip().lower()
-            if v in _CONSENT_TRUE:
-                keep[r] = True
-            elif v in _CONSENT_FALSE:
-                keep[r] = False
-            else:
-                raise CohortError(
-                    f"{path}: line {line}: consent column {spec.consent_column!r} has value "
-                    f"{row[ci]!r}; allowed (any case): true/false, yes/no, y/n, 1/0"
-                )
+        consent = cells(spec.consent_column).str.lower()
+        keep = consent.isin(_CONSENT_TRUE).to_numpy()
+        unknown = ~(keep | consent.isin(_CONSENT_FALSE).to_numpy())
+        if unknown.any():
+            r = int(np.flatnonzero(unknown)[0])
+            raise CohortError(
+                f"{path}: line {lines[r]}: consent column {spec.consent_column!r} has value "
+                f"{columns[col[spec.consent_column]][r]!r}; allowed (any case): true/false, yes/no, y/n, 1/0"
+            )
 
         # identifiers: never echoed in messages, replaced by keyed hashes, then dropped
-        ii = col[spec.id_column]
-        seen: dict[str, int] = {}
-        for row, line in zip(rows, lines):
-            pid = row[ii].strip()
-            if not pid:
-                raise CohortError(f"{path}: line {line}: empty {spec.id_column!r} (patient identifier)")
-            if pid in seen:
-                raise CohortError(
-                    f"{path}: duplicate {spec.id_column!r} value at lines {seen[pid]} and {line} "
-                    f"(identifier not shown)"
-                )
-            seen[pid] = line
-        del seen
+        ids = cells(spec.id_column)
+        empty = (ids == "").to_numpy()
+        if empty.any():
+            r = int(np.flatnonzero(empty)[0])
+            raise CohortError(f"{path}: line {lines[r]}: empty {spec.id_column!r} (patient identifier)")
+        dup = ids.duplicated(keep=False).to_numpy()
+        if dup.any():
+            first = int(np.flatnonzero(dup)[0])
+            same = np.flatnonzero((ids == ids.iloc[first]).to_numpy())
+            raise CohortError(
+                f"{path}: duplicate {spec.id_column!r} value at lines {lines[same[0]]} and "
+                f"{lines[same[1]]} (identifier not shown)"
+            )
 
         self.n_excluded_no_consent = int((~keep).sum())
         if not keep.any():
             raise CohortError(
-                f"{path}: empty cohort: {len(rows)} data row(s), none with consent "
+                f"{path}: empty cohort: {len(lines)} data row(s), none with consent "
                 f"({self.n_excluded_no_consent} excluded)"
             )
-        rows = [row for row, k in zip(rows, keep) if k]
-        self.n = len(rows)
+        self.n = int(keep.sum())
 
         key = _pseudonym_key(loaded, spec)
         self.pseudonym = np.array(
-            [hmac.new(key, row[ii].strip().encode("utf-8"), hashlib.sha256).hexdigest().encode("ascii") for row in rows],
-            dtype="S64",
+            [hmac.digest(key, i.encode("utf-8"), "sha256").hex() for i in ids[keep]], dtype="S64"
         )
-        del key
+        del key, ids
 
         # covariates: a bad cell invalidates that patient only
         self.cov: dict[str, np.ndarray] = {}
         self.cov_bad = np.zeros(self.n, dtype=bool)
         for k, c in spec.covariates.items():
-            cells = [row[col[c.column]] for row in rows]
+            v = cells(c.column)[keep]
             if c.categories is not None:
                 code = {name: i for i, name in enumerate(c.categories)}
-                x = np.array([code.get(s.strip(), -1) for s in cells], dtype=np.int16)
+                x = v.map(code).fillna(-1).to_numpy(dtype=np.int16)
                 self.cov_bad |= x < 0
             else:
-                x = _numbers(cells)
+                x = _numbers(v)
                 self.cov_bad |= ~np.isfinite(x)
                 x[~np.isfinite(x)] = np.nan  # "inf" parses, but is as invalid as an empty cell
             self.cov[k] = x
         # individual parameter values (override the population model); checked with the rest
-        self.par = {k: _numbers([row[col[c.column]] for row in rows]) for k, c in spec.parameters.items()}
-        del rows
+        self.par = {k: _numbers(cells(c.column)[keep]) for k, c in spec.parameters.items()}
+        del columns
 
     def chunk(self, start: int, stop: int) -> CohortChunk:
         self._check_bounds(start, stop)
@@ -537,7 +535,7 @@ def _parse_csv(raw: bytes, path: Path) -> tuple[list[str], list[list[str]], list
     lines: list[int] = []
     try:
         for row in reader:
-            if not any(c.strip() for c in row):
+            if not row or (len(row) == 1 and not row[0].strip()):
                 continue  # blank line
             if header is None:
                 header = [h.strip() for h in row]
@@ -560,10 +558,9 @@ def _parse_csv(raw: bytes, path: Path) -> tuple[list[str], list[list[str]], list
     return header, rows, lines
 
 
-def _numbers(cells: list[str]) -> np.ndarray:
-    """Cells to float64; empty or unparsable cells become NaN (the caller flags the patient)."""
-    s = pd.Series(cells, dtype=object).str.strip()
-    return pd.to_numeric(s, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan, copy=True)
+def _numbers(cells: pd.Series) -> np.ndarray:
+    """Stripped cells to float64; empty or unparsable cells become NaN (the caller flags them)."""
+    return pd.to_numeric(cells, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan, copy=True)
 
 
 def _pseudonym_key(loaded: LoadedJob, spec: CsvCohort) -> bytes:

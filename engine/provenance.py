@@ -19,10 +19,8 @@ import os
 import platform
 import socket
 import subprocess
-import sys
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -31,7 +29,6 @@ from .store import (
     MASTER,
     _fsync_dir,
     _jsonable,
-    chunk_group,
     read_journals,
     result_digest,
 )

@@ -19,7 +19,8 @@ Layout (the contract a C/CUDA re-implementation must follow):
   u = (x + 0.5) * 2**-52.  Every such u is exactly representable, so
   2**-53 <= u <= 1 - 2**-53: 0 and 1 can never occur (inverse CDFs stay finite) and the
   result is the same in any IEEE-754 double arithmetic. This is Random123's
-  ``u01fixedpt_open_open_64_52``; see ``uniform`` for why not 53 bits.
+  ``u01fixedpt_open_open_64_double`` (u01fixedpt.h) applied to hi << 32 | lo; see ``uniform``
+  for why not 53 bits.
 """
 
 from __future__ import annotations

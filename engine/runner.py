@@ -208,8 +208,10 @@ def run(loaded: LoadedJob, run_dir: Path, comm, quiet: bool = False) -> int:
 
     lay = plan.layout
     info = None
+    lock = store.RunLock(run_dir) if rank == 0 else None
     if rank == 0:
         try:
+            lock.acquire()
             attempt = store.init_run_dir(run_dir, manifest(plan))
             done = store.done_chunks(run_dir, lay)
             prov = provenance.collect(loaded.text, loaded.sha256, plan.backend.name, plan.backend.device, size,
@@ -222,7 +224,19 @@ def run(loaded: LoadedJob, run_dir: Path, comm, quiet: bool = False) -> int:
             info = (None, None, None, str(e))
     attempt, done, prov, err0 = comm.bcast(info, root=0)
     if err0:
+        if lock is not None:
+            lock.release()
         raise StoreError(err0)
+    try:
+        return _run_chunks(plan, loaded, run_dir, comm, quiet, stop, attempt, done, prov)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_chunks(plan, loaded, run_dir, comm, quiet, stop, attempt, done, prov) -> int:
+    rank, size = comm.rank, comm.size
+    lay = plan.layout
     _setup_rank_log(run_dir, rank)
     todo = [c for c in range(lay.n_chunks()) if c not in done]
     log.info("attempt %d: %d chunks, %d already done, %d to run on %d ranks", attempt, lay.n_chunks(), len(done), len(todo), size)
