@@ -201,7 +201,7 @@ class CovariateEffect(Strict):
     parameter: Name
     covariate: Name
     model: Literal["power", "linear", "exponential", "categorical"]
-    reference: Pos | None = None
+    reference: float | None = None  # > 0 for power; any value (e.g. 0 for a centred covariate) otherwise
     exponent: float | None = None
     slope: float | None = None
     factors: dict[str, Pos] | None = None
@@ -217,6 +217,8 @@ class CovariateEffect(Strict):
         for k in need:
             if getattr(self, k) is None:
                 raise ValueError(f"model={self.model!r} needs '{k}'")
+        if self.model == "power" and self.reference <= 0:
+            raise ValueError(f"reference={self.reference} must be > 0 for a power model")
         return self
 
 

@@ -286,7 +286,7 @@ def _run_chunks(plan, loaded, run_dir, comm, quiet, stop, attempt, done, prov) -
             for k, v in g.items():
                 all_entries.setdefault(k, v)
         elapsed = time.time() - t0
-        n_new = sum(lay.chunk_bounds(c)[1] - lay.chunk_bounds(c)[0] for c in entries) if size == 1 else None
+        n_new = progress.patients  # counted on rank 0 from every rank's finished chunks
         if interrupted or len(all_entries) < lay.n_chunks():
             provenance.append_record(run_dir, {"event": "interrupted", "attempt": attempt,
                                                "chunks_done": len(all_entries), "time": _now()})
@@ -326,9 +326,7 @@ def _run_chunks(plan, loaded, run_dir, comm, quiet, stop, attempt, done, prov) -
 
 
 def _now() -> str:
-    from datetime import datetime, timezone
-
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return provenance.utc_now()
 
 
 def _say(quiet: bool, msg: str) -> None:
