@@ -62,9 +62,12 @@ def _cmd_validate(args) -> int:
     from .config import load_job
     from .models import get_model
 
+    from .runner import make_plan
+
     loaded = load_job(args.job)
     j = loaded.job
     model = get_model(j.model.name)
+    make_plan(loaded)  # what run would refuse, validate refuses: backend, cohort build (CSV, key), names
     n = j.cohort.size if j.cohort.size is not None else f"CSV {j.cohort.csv.path}"
     n_chunks = f"{-(-j.cohort.size // j.job.chunk_size)} chunks of {j.job.chunk_size}" if j.cohort.size else f"chunks of {j.job.chunk_size}"
     print(f"{args.job}: ok")

@@ -30,7 +30,8 @@ NonNeg = Annotated[float, Field(ge=0)]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
+    # strict: "12" or true is not a number; TOML already gives real types, so nothing valid is lost
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True, strict=True)
 
 
 # ---------------------------------------------------------------- job / solver
@@ -146,17 +147,25 @@ def _check_bounds(low: float | None, high: float | None) -> None:
 
 
 def _check_matrix(m: list[list[float]], n: int, what: str, unit_diag: bool) -> None:
+    shown = repr(m) if len(repr(m)) <= 80 else repr(m)[:77] + "..."
+    widths = {len(row) for row in m}
+    if len(widths) > 1:
+        i = next(i for i, row in enumerate(m) if len(row) != len(m[0]))
+        raise ValueError(f"{what} = {shown}: rows differ in length (row {i} has {len(m[i])} entries); expected {n}x{n}")
+    if (len(m), widths.pop() if widths else 0) != (n, n):
+        raise ValueError(f"{what} = {shown} must be {n}x{n}, got shape [{len(m)}, {len(m[0]) if m else 0}]")
     a = np.asarray(m, dtype=float)
-    if a.shape != (n, n):
-        raise ValueError(f"{what} must be {n}x{n}, got shape {list(a.shape)}")
     if not np.allclose(a, a.T, rtol=0, atol=1e-12):
-        raise ValueError(f"{what} must be symmetric")
-    if unit_diag and not np.allclose(np.diag(a), 1.0, rtol=0, atol=1e-12):
-        raise ValueError(f"{what} must have ones on the diagonal")
+        raise ValueError(f"{what} = {shown} must be symmetric")
+    d = np.diag(a)
+    if unit_diag and not np.allclose(d, 1.0, rtol=0, atol=1e-12):
+        raise ValueError(f"{what} = {shown} must have ones on the diagonal, has {d.tolist()}")
     if unit_diag and np.any(np.abs(a) > 1 + 1e-12):
-        raise ValueError(f"{what} entries must lie in [-1, 1]")
+        raise ValueError(f"{what} = {shown}: entries must lie in [-1, 1]")
+    if not unit_diag and np.any(d < 0):
+        raise ValueError(f"{what} = {shown}: variances on the diagonal must be >= 0, has {d.tolist()}")
     if n and np.linalg.eigvalsh(a).min() < -1e-10:
-        raise ValueError(f"{what} must be positive semi-definite")
+        raise ValueError(f"{what} = {shown} must be positive semi-definite (smallest eigenvalue {np.linalg.eigvalsh(a).min():.3g})")
 
 
 class Correlation(Strict):
@@ -184,8 +193,6 @@ class Variability(Strict):
         if len(set(self.parameters)) != len(self.parameters):
             raise ValueError(f"parameters {self.parameters} contain duplicates")
         _check_matrix(self.omega, len(self.parameters), "omega", unit_diag=False)
-        if np.any(np.diag(np.asarray(self.omega, dtype=float)) < 0):
-            raise ValueError("omega must have non-negative variances on the diagonal")
         return self
 
 
@@ -256,21 +263,21 @@ class CohortSection(Strict):
             raise ValueError("[cohort.covariates] cannot be combined with [cohort.csv]; map CSV columns in [cohort.csv.covariates]")
         known = set(self.covariates) | (set(self.csv.covariates) if self.csv else set())
         if self.correlation is not None:
-            for v in self.correlation.variables:
+            for i, v in enumerate(self.correlation.variables):
                 if v not in self.covariates:
-                    raise ValueError(f"correlation variable {v!r} is not a declared covariate ({sorted(self.covariates)})")
+                    raise ValueError(f"correlation.variables[{i}] = {v!r} is not a declared covariate ({sorted(self.covariates)})")
                 if isinstance(self.covariates[v], (CategoricalDist, ConstantDist)):
-                    raise ValueError(f"correlation variable {v!r} must be continuous")
+                    raise ValueError(f"correlation.variables[{i}] = {v!r} must be a continuous covariate")
         for i, e in enumerate(self.covariate_effects):
             if e.covariate not in known:
-                raise ValueError(f"covariate_effects[{i}].covariate {e.covariate!r} is not a covariate ({sorted(known)})")
+                raise ValueError(f"covariate_effects[{i}].covariate = {e.covariate!r} is not a covariate ({sorted(known)})")
         return self
 
 
 # ---------------------------------------------------------------- arms / doses
 class Dose(Strict):
     amount: Pos
-    route: Literal["iv_bolus", "iv_infusion", "oral"]
+    route: Name  # a route the model declares (pk models: iv_bolus, iv_infusion, oral)
     time: NonNeg = 0.0  # first dose
     interval: Pos | None = None
     count: Annotated[int, Field(ge=1, le=100_000)] = 1
@@ -279,13 +286,10 @@ class Dose(Strict):
 
     @model_validator(mode="after")
     def _route(self):
-        if self.route == "iv_infusion" and self.duration is None:
-            raise ValueError("route 'iv_infusion' needs 'duration'")
-        if self.route != "iv_infusion" and self.duration is not None:
-            raise ValueError(f"'duration' is only allowed with route 'iv_infusion', not {self.route!r}")
+        # whether a route is an infusion is the model's business (engine.models checks it)
         if self.count > 1 and self.interval is None:
             raise ValueError(f"count={self.count} needs 'interval'")
-        if self.route == "iv_infusion" and self.interval is not None and self.duration > self.interval:
+        if self.duration is not None and self.interval is not None and self.duration > self.interval:
             raise ValueError(f"duration={self.duration} is longer than interval={self.interval}")
         return self
 
@@ -336,6 +340,15 @@ class OutputsSection(Strict):
     variables: Annotated[list[Name], Field(min_length=1)]
     biomarkers: list[Biomarker] = Field(default_factory=list)
 
+    @field_validator("biomarkers")
+    @classmethod
+    def _bm_names(cls, v):
+        names = [b.name for b in v]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"biomarker names must be unique; repeated: {dup}")
+        return v
+
     @field_validator("times")
     @classmethod
     def _inc(cls, v):
@@ -356,15 +369,14 @@ class Job(Strict):
     arms: Annotated[list[Arm], Field(min_length=1)]
     outputs: OutputsSection
 
-    @model_validator(mode="after")
-    def _names(self):
-        names = [a.name for a in self.arms]
-        if len(set(names)) != len(names):
-            raise ValueError(f"arm names {names} must be unique")
-        bm = [b.name for b in self.outputs.biomarkers]
-        if len(set(bm)) != len(bm):
-            raise ValueError(f"biomarker names {bm} must be unique")
-        return self
+    @field_validator("arms")
+    @classmethod
+    def _arm_names(cls, v):
+        names = [a.name for a in v]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"arm names must be unique; repeated: {dup}")
+        return v
 
 
 class LoadedJob:
@@ -410,6 +422,9 @@ def format_validation_error(err: ValidationError, source: str) -> str:
             parts.append(f"unknown key '{key}' (not allowed here)")
         else:
             val = e.get("input")
+            if isinstance(val, (dict, list)) and len(repr(val)) > 60:
+                parts.append(f"key '{key}': {msg}")  # a whole table: the message names the entry
+                continue
             sval = repr(val)
             if len(sval) > 60:
                 sval = sval[:57] + "..."

@@ -201,6 +201,12 @@ def run(loaded: LoadedJob, run_dir: Path, comm, quiet: bool = False) -> int:
         plan = make_plan(loaded, local_rank)
     except TwinError as e:
         err = e
+    except Exception:  # noqa: BLE001 - a bug on one rank must not leave the others waiting
+        if size > 1:
+            import traceback
+
+            abort(comm, "failed while planning:\n" + traceback.format_exc())
+        raise
     errs = comm.gather(None if err is None else str(err), root=0) if size > 1 else [None if err is None else str(err)]
     first = comm.bcast(next((e for e in (errs or []) if e), None), root=0)
     if first:
@@ -222,6 +228,12 @@ def run(loaded: LoadedJob, run_dir: Path, comm, quiet: bool = False) -> int:
             info = (attempt, done, prov, None)
         except TwinError as e:
             info = (None, None, None, str(e))
+        except Exception:  # noqa: BLE001
+            if size > 1:
+                import traceback
+
+                abort(comm, "failed while opening the run directory:\n" + traceback.format_exc())
+            raise
     attempt, done, prov, err0 = comm.bcast(info, root=0)
     if err0:
         if lock is not None:

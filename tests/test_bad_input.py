@@ -206,6 +206,9 @@ JOB_CASES = [
     ("dose_amount_bool", job(("amount = 100.0\n", "amount = true\n")), ["arms[0].doses[0].amount", "True"]),
     ("dose_amount_numeric_string", job(("amount = 100.0\n", 'amount = "1e2"\n')),
      ["arms[0].doses[0].amount", "'1e2'"]),
+    ("seed_beyond_int64", job(("seed = 7\n", "seed = 99999999999999999999999\n")),
+     ["job.seed", "99999999999999999999999"]),
+    ("size_too_large", job(("size = 12\n", "size = 2199023255553\n")), ["cohort.size", "2199023255553"]),
     ("chunk_size_zero", job(("chunk_size = 8\n", "chunk_size = 0\n")), ["job.chunk_size", "0"]),
     ("chunk_size_negative", job(("chunk_size = 8\n", "chunk_size = -8\n")), ["job.chunk_size", "-8"]),
     ("backend_bogus", job(('backend = "numpy"\n', 'backend = "bogus"\n')), ["job.backend", "'bogus'"]),
@@ -232,13 +235,18 @@ JOB_CASES = [
      ["arms[0].doses[0].route", "'intramuscular'"]),
     ("arm_allocation_negative", job(('name = "oral"\n', 'name = "oral"\nallocation = -1.0\n')),
      ["arms[0].allocation", "-1.0"]),
+    ("dose_count_too_large", job(("count = 2\n", "count = 100001\n")), ["arms[0].doses[0].count", "100001"]),
+    ("arms_is_a_table_not_array", job(("[[arms]]\nname = \"oral\"\n[[arms.doses]]\n" + ORAL_DOSE + "\n"
+                                       "[[arms]]\nname = \"infusion\"\n[[arms.doses]]\n" + INF_DOSE,
+                                       '[arms]\nname = "oral"\n')),
+     ["arms", "{'name': 'oral'}"]),
     ("arms_empty_list", job(("[[arms]]\nname = \"oral\"\n[[arms.doses]]\n" + ORAL_DOSE + "\n"
                              "[[arms]]\nname = \"infusion\"\n[[arms.doses]]\n" + INF_DOSE, ""),
                             ("[outputs]\n", "arms = []\n[outputs]\n")),
      ["{job}", "arms"]),
     ("duplicate_arm_names", job(('name = "infusion"\n', 'name = "oral"\n')), ["arms", "'oral'", "unique"]),
     # --- model
-    ("unknown_model", job(('name = "pk_1cmt"\n', 'name = "pk_3cmt"\n')), ["model.name", "'pk_3cmt'"]),
+    ("unknown_model", job(('name = "pk_1cmt"\n', 'name = "pk_nonexistent"\n')), ["model.name", "'pk_nonexistent'"]),
     ("unknown_model_parameter", job(("ka = 1.1\n", "ka = 1.1\nVmax = 3.0\n")), ["model.parameters.Vmax"]),
     ("parameter_of_other_model_Q", job(("ka = 1.1\n", "ka = 1.1\nQ = 8.0\n")), ["model.parameters.Q"]),
     ("negative_typical_CL", job(("CL = 4.0\n", "CL = -4.0\n")), ["model.parameters.CL", "-4.0"]),
@@ -255,6 +263,12 @@ JOB_CASES = [
     ("normal_sd_zero", job((AGE, AGE.replace("sd = 10.0", "sd = 0.0"))), ["cohort.covariates.age.sd", "0.0"]),
     ("lognormal_median_negative", job(("median = 70.0\n", "median = -70.0\n")),
      ["cohort.covariates.weight.median", "-70.0"]),
+    ("distribution_missing", job((AGE, AGE.replace('distribution = "normal"\n', ""))),
+     ["cohort.covariates.age", "distribution"]),
+    ("covariate_name_with_space", job(("[cohort.covariates.crcl]", "[cohort.covariates.'c rcl']"),
+                                      (CORR_V, 'variables = ["age", "weight"]'),
+                                      (CORR_M, "matrix = [[1.0, 0.1], [0.1, 1.0]]")),
+     ["cohort.covariates", "'c rcl'"]),
     ("unknown_distribution", job((AGE, AGE.replace('"normal"', '"gamma"'))),
      ["cohort.covariates.age", "'gamma'"]),
     ("truncation_low_ge_high", job((AGE, AGE.replace("low = 18.0", "low = 95.0"))),
@@ -283,10 +297,10 @@ JOB_CASES = [
     ("correlation_ragged_matrix", job((CORR_M, "matrix = [[1.0, 0.1, -0.5], [0.1, 1.0], [-0.5, 0.3, 1.0]]")),
      ["cohort.correlation", "matrix"]),
     ("correlation_variable_not_declared", job((CORR_V, 'variables = ["age", "weight", "bmi"]')),
-     ["cohort.correlation.variables", "'bmi'"]),
+     ["correlation.variables", "'bmi'"]),
     ("correlation_categorical_variable", job((CORR_V, 'variables = ["age", "weight", "sex"]'),
                                              (CORR_M, "matrix = [[1.0, 0.1, 0.0], [0.1, 1.0, 0.0], [0.0, 0.0, 1.0]]")),
-     ["cohort.correlation.variables", "'sex'"]),
+     ["correlation.variables", "'sex'"]),
     # --- cohort: variability
     ("omega_wrong_shape", job((OMEGA, "omega = [[0.09, 0.0, 0.0], [0.0, 0.04, 0.0], [0.0, 0.0, 0.1]]")),
      ["cohort.variability", "omega", "2x2", "[3, 3]"]),
@@ -294,12 +308,13 @@ JOB_CASES = [
      ["cohort.variability", "omega", "-0.09"]),
     ("omega_not_psd", job((OMEGA, "omega = [[0.09, 0.5], [0.5, 0.04]]")),
      ["cohort.variability", "omega", "positive semi-definite"]),
+    ("omega_string", job((OMEGA, 'omega = "diag(0.09, 0.04)"')), ["cohort.variability.omega", "'diag(0.09, 0.04)'"]),
     ("omega_nan", job((OMEGA, "omega = [[nan, 0.0], [0.0, 0.04]]")), ["cohort.variability.omega", "nan"]),
     ("variability_unknown_parameter", job(('parameters = ["CL", "V1"]', 'parameters = ["CL", "Vd"]')),
      ["'Vd'"]),
     # --- cohort: covariate effects
     ("effect_unknown_covariate", job(('covariate = "weight"', 'covariate = "wieght"')),
-     ["cohort.covariate_effects[0].covariate", "'wieght'"]),
+     ["covariate_effects[0].covariate", "'wieght'"]),
     ("effect_unknown_parameter", job(('parameter = "CL"\ncovariate', 'parameter = "Cl"\ncovariate')), ["'Cl'"]),
     ("effect_power_without_exponent", job(("exponent = 0.75\n", "")), ["cohort.covariate_effects[0]", "exponent"]),
     ("effect_unknown_model", job(('model = "power"', 'model = "sigmoid"')),
@@ -307,6 +322,7 @@ JOB_CASES = [
     # --- outputs
     ("times_not_increasing", job(("times = [0.0, 1.0, 2.0, 6.0, 12.0, 24.0]", "times = [0.0, 2.0, 1.0, 6.0]")),
      ["outputs.times", "[0.0, 2.0, 1.0, 6.0]", "increasing"]),
+    ("times_empty", job(("times = [0.0, 1.0, 2.0, 6.0, 12.0, 24.0]", "times = []")), ["outputs.times", "[]"]),
     ("times_duplicate", job(("times = [0.0, 1.0, 2.0, 6.0, 12.0, 24.0]", "times = [0.0, 1.0, 1.0]")),
      ["outputs.times", "increasing"]),
     ("times_negative", job(("times = [0.0, 1.0, 2.0, 6.0, 12.0, 24.0]", "times = [-1.0, 1.0]")),
@@ -336,8 +352,8 @@ def test_bad_job_file(tmp_path, capsys, text, must):
     p.write_text(text, encoding="utf-8")
     rc = main(["validate", str(p)])
     out, err = capsys.readouterr()
-    assert "ok" not in out
     assert_one_line_error(rc, err, [m.replace("{job}", str(p)) for m in must])
+    assert ": ok" not in out
 
 
 def test_case_ids_unique():
@@ -398,6 +414,16 @@ def _has_gpu() -> bool:
         return cupy.cuda.runtime.getDeviceCount() > 0
     except Exception:
         return False
+
+
+@pytest.mark.parametrize("out", ["run", "run/sub"], ids=["run_dir_is_a_file", "run_dir_parent_is_a_file"])
+def test_run_dir_unusable(tmp_path, in_process_run, capsys, out):
+    p = tmp_path / "job.toml"
+    p.write_text(BASE)
+    (tmp_path / "run").write_text("a file, not a directory")
+    rc = in_process_run(p, "-o", tmp_path / out)
+    _, err = capsys.readouterr()
+    assert_one_line_error(rc, err, [str(tmp_path / out)])
 
 
 @pytest.mark.skipif(_has_gpu(), reason="checks the no-GPU error")
@@ -596,6 +622,8 @@ CSV_CASES = [
      CSV_JOB.replace('key_env = "TWIN_TEST_BAD_INPUT_KEY"', 'key_file = "secret.key"'), ["secret.key", "not found"]),
     ("key_file_empty", (CSV_HEADER + CSV_ROWS).encode(),
      CSV_JOB.replace('key_env = "TWIN_TEST_BAD_INPUT_KEY"', 'key_file = "empty.key"'), ["empty.key", "empty"]),
+    ("key_file_is_a_directory", (CSV_HEADER + CSV_ROWS).encode(),
+     CSV_JOB.replace('key_env = "TWIN_TEST_BAD_INPUT_KEY"', 'key_file = "keydir"'), ["keydir", "directory"]),
     ("csv_unknown_key", (CSV_HEADER + CSV_ROWS).encode(),
      CSV_JOB.replace('id_column = "mrn"', 'id_column = "mrn"\nid_colum = "x"'), ["unknown key 'cohort.csv.id_colum'"]),
     ("csv_with_virtual_covariates", (CSV_HEADER + CSV_ROWS).encode(),
@@ -616,6 +644,7 @@ def test_bad_csv_cohort(tmp_path, in_process_run, capsys, monkeypatch, csv, text
     else:
         monkeypatch.setenv("TWIN_TEST_BAD_INPUT_KEY", KEY)
     (tmp_path / "empty.key").write_bytes(b"\n")
+    (tmp_path / "keydir").mkdir()
     if csv == "DIR":
         (tmp_path / "patients.csv").mkdir()
         csv = None

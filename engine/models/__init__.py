@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from kernels.ode.model import Model
+from kernels.ode.model import InfusionTarget, Model
 
 from ..errors import JobError
+from . import classic, glucose, pkpd_library
 from .pkpd import PK_1CMT, PK_2CMT
 
-MODELS: dict[str, Model] = {m.name: m for m in (PK_1CMT, PK_2CMT)}
+# Each library module lists its declarations in MODELS_HERE.
+MODELS: dict[str, Model] = {
+    m.name: m for m in (PK_1CMT, PK_2CMT, *pkpd_library.MODELS_HERE, *glucose.MODELS_HERE, *classic.MODELS_HERE)
+}
 
 
 def get_model(name: str) -> Model:
@@ -50,4 +54,12 @@ def check_job_against_model(loaded) -> None:
             if dose.route not in model.doses:
                 raise JobError(
                     f"{src}: key 'arms[{a}].doses[{d}].route' = {dose.route!r}: {model.name} accepts {', '.join(model.doses)}"
+                )
+            infusion = isinstance(model.doses[dose.route], InfusionTarget)
+            if infusion and dose.duration is None:
+                raise JobError(f"{src}: key 'arms[{a}].doses[{d}]': route {dose.route!r} is an infusion and needs 'duration'")
+            if not infusion and dose.duration is not None:
+                raise JobError(
+                    f"{src}: key 'arms[{a}].doses[{d}].duration' = {dose.duration}: only infusion routes take a duration, "
+                    f"{dose.route!r} is a bolus"
                 )

@@ -15,10 +15,14 @@ import numpy as np
 from .model import Model
 
 _NP_FUNCS = {"exp": "np.exp", "log": "np.log", "sqrt": "np.sqrt", "pow": "np.power", "abs": "np.abs",
-             "min": "np.minimum", "max": "np.maximum", "tanh": "np.tanh", "sin": "np.sin", "cos": "np.cos"}
+             "min": "np.minimum", "max": "np.maximum", "tanh": "np.tanh", "sin": "np.sin", "cos": "np.cos",
+             "ifelse": "np.where"}
 
 
 class _ToNumpy(ast.NodeTransformer):
+    def visit_Name(self, node: ast.Name):
+        return ast.parse("np.pi", mode="eval").body if node.id == "pi" else node
+
     def visit_Call(self, node: ast.Call):
         self.generic_visit(node)
         node.func = ast.parse(_NP_FUNCS[node.func.id], mode="eval").body

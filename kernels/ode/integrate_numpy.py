@@ -157,7 +157,8 @@ def integrate(
             f0 = rhs(ti, yi, pi, ui)
             sc = atol + rtol * np.abs(yi)
             d0, d1 = _rms(yi / sc), _rms(f0 / sc)
-            h0 = np.where((d0 < 1e-5) | (d1 < 1e-5), 1e-6, 0.01 * d0 / np.maximum(d1, 1e-300))
+            with np.errstate(over="ignore", divide="ignore"):  # np.where evaluates the unused branch too
+                h0 = np.where((d0 < 1e-5) | (d1 < 1e-5), 1e-6, 0.01 * d0 / np.maximum(d1, 1e-300))
             f1 = rhs(ti + h0, yi + h0 * f0, pi, ui)
             d2 = _rms((f1 - f0) / sc) / h0
             dm = np.maximum(d1, d2)

@@ -12,7 +12,9 @@ from __future__ import annotations
 import ast
 from dataclasses import dataclass, field
 
-FUNCTIONS = ("exp", "log", "sqrt", "pow", "abs", "min", "max", "tanh", "sin", "cos")
+FUNCTIONS = ("exp", "log", "sqrt", "pow", "abs", "min", "max", "tanh", "sin", "cos", "ifelse")
+# ifelse(cond, a, b): a where cond holds, else b; cond is a single comparison (<, <=, >, >=)
+CONSTANTS = ("pi",)
 
 
 @dataclass(frozen=True)
@@ -168,9 +170,20 @@ def check_expr(expr: str, known: set[str], where: str) -> ast.Expression:
         if isinstance(node, ast.Call):
             if not (isinstance(node.func, ast.Name) and node.func.id in FUNCTIONS) or node.keywords:
                 raise ValueError(f"{where}: only calls to {FUNCTIONS} are allowed")
+            want = {"ifelse": 3, "pow": 2, "min": 2, "max": 2}.get(node.func.id, 1)
+            if len(node.args) != want:
+                raise ValueError(f"{where}: {node.func.id} takes {want} argument(s)")
+            if node.func.id == "ifelse" and not isinstance(node.args[0], ast.Compare):
+                raise ValueError(f"{where}: the first argument of ifelse must be a comparison")
+            continue
+        if isinstance(node, ast.Compare):
+            if len(node.ops) != 1 or not isinstance(node.ops[0], (ast.Lt, ast.LtE, ast.Gt, ast.GtE)):
+                raise ValueError(f"{where}: only single comparisons <, <=, >, >= are allowed")
+            continue
+        if isinstance(node, (ast.Lt, ast.LtE, ast.Gt, ast.GtE)):
             continue
         if isinstance(node, ast.Name):
-            if node.id not in known and node.id not in FUNCTIONS:
+            if node.id not in known and node.id not in FUNCTIONS and node.id not in CONSTANTS:
                 raise ValueError(f"{where}: unknown name {node.id!r}")
             continue
         raise ValueError(f"{where}: {type(node).__name__} not allowed in {expr!r}")

@@ -1,0 +1,113 @@
+"""Generate C for the `cpu` (OpenMP) and `cuda` (CuPy RawModule) backends from a model declaration.
+
+The generated functions work on one patient with its state in local arrays; the integrator
+template (integrator.c) runs a patient's whole time loop around them. One source serves both
+backends: macros in the header pick `__device__`/OpenMP.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from .model import Model
+
+_C_FUNCS = {"exp": "exp", "log": "log", "sqrt": "sqrt", "pow": "pow", "abs": "fabs", "min": "fmin",
+            "max": "fmax", "tanh": "tanh", "sin": "sin", "cos": "cos"}
+_BIN = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
+_CMP = {ast.Lt: "<", ast.LtE: "<=", ast.Gt: ">", ast.GtE: ">="}
+
+TEMPLATE_DIR = Path(__file__).parent
+
+
+def _num(v) -> str:
+    r = repr(float(v))
+    return r if ("e" in r or "." in r or "inf" in r or "nan" in r) else r + ".0"
+
+
+def to_c(node: ast.AST) -> str:
+    if isinstance(node, ast.Expression):
+        return to_c(node.body)
+    if isinstance(node, ast.Constant):
+        return _num(node.value)
+    if isinstance(node, ast.Name):
+        return "TWIN_PI" if node.id == "pi" else node.id
+    if isinstance(node, ast.UnaryOp):
+        return f"(-{to_c(node.operand)})" if isinstance(node.op, ast.USub) else to_c(node.operand)
+    if isinstance(node, ast.BinOp):
+        if isinstance(node.op, ast.Pow):
+            return f"pow({to_c(node.left)}, {to_c(node.right)})"
+        return f"({to_c(node.left)} {_BIN[type(node.op)]} {to_c(node.right)})"
+    if isinstance(node, ast.Compare):
+        return f"({to_c(node.left)} {_CMP[type(node.ops[0])]} {to_c(node.comparators[0])})"
+    if isinstance(node, ast.Call):
+        args = [to_c(a) for a in node.args]
+        if node.func.id == "ifelse":
+            return f"({args[0]} ? {args[1]} : {args[2]})"
+        return f"{_C_FUNCS[node.func.id]}({', '.join(args)})"
+    raise ValueError(f"cannot translate {ast.dump(node)} to C")
+
+
+def c_expr(expr: str) -> str:
+    return to_c(ast.parse(expr, mode="eval"))
+
+
+def model_source(model: Model) -> str:
+    """The model as C: rhs, outputs and init for one patient, plus its sizes."""
+    st, pa, inp = model.state_names, model.parameter_names, model.input_names
+    unpack = [f"    const real {n} = y[{i}];" for i, n in enumerate(st)]
+    unpack += [f"    const real {n} = p[{i}];" for i, n in enumerate(pa)]
+    unpack += [f"    const real {n} = u[{i}];" for i, n in enumerate(inp)]
+    inter = [f"    const real {n} = {c_expr(e)};" for n, e in model.expressions]
+    silence = ["    (void)t;"] + [f"    (void){n};" for n in st + pa + inp] + [f"    (void){n};" for n, _ in model.expressions]
+    rhs = [f"    dy[{i}] = {c_expr(model.derivatives[n])};" for i, n in enumerate(st)]
+    outs = [f"    o[{i}] = {c_expr(o.expr)};" for i, o in enumerate(model.outputs)]
+    init_unpack = [f"    const real {n} = p[{i}];" for i, n in enumerate(pa)] + [f"    (void){n};" for n in pa]
+    inits = [f"    y[{i}] = {c_expr(s.init) if isinstance(s.init, str) else _num(s.init)};" for i, s in enumerate(model.states)]
+    n_in = max(len(inp), 1)
+    return "\n".join([
+        f"/* generated from model '{model.name}' */",
+        f"#define NS {len(st)}",
+        f"#define NP {len(pa)}",
+        f"#define NP_ARR {max(len(pa), 1)}",
+        f"#define NIN {n_in}",
+        f"#define NOUT {max(len(model.outputs), 1)}",
+        "DEVICE void model_rhs(real t, const real* y, const real* p, const real* u, real* dy) {",
+        *unpack, *inter, *silence, *rhs, "}",
+        "DEVICE void model_outputs(real t, const real* y, const real* p, const real* u, real* o) {",
+        *unpack, *inter, *silence, *outs, "}",
+        "DEVICE void model_init(const real* p, real* y) {",
+        *init_unpack, *inits, "}",
+        "",
+    ])
+
+
+HEADER = r"""
+/* twin-engine ODE kernel: one patient per OpenMP iteration or per CUDA thread. */
+#ifdef __CUDACC__
+#define DEVICE __device__ static inline
+#define KERNEL_CUDA 1
+#define TWIN_INF (__longlong_as_double(0x7ff0000000000000LL))
+#define TWIN_NAN (__longlong_as_double(0x7ff8000000000000LL))
+#define isfinite_r(x) isfinite(x)
+#else
+#include <math.h>
+#include <stdint.h>
+#include <stddef.h>
+#define DEVICE static inline
+#define TWIN_INF (INFINITY)
+#define TWIN_NAN (NAN)
+#define isfinite_r(x) isfinite(x)
+#endif
+#ifndef TWIN_REAL
+#define TWIN_REAL double
+#endif
+typedef TWIN_REAL real;
+#define TWIN_PI 3.141592653589793
+"""
+
+
+def kernel_source(model: Model) -> str:
+    """Complete translation unit for one model: header, model functions, integrator."""
+    integrator = (TEMPLATE_DIR / "integrator.c").read_text()
+    return HEADER + model_source(model) + integrator

@@ -1,0 +1,207 @@
+/* Per-patient time loop: adaptive Dormand–Prince 5(4) (FSAL, Hairer's norm and step control) or
+ * fixed-step RK4, with exact stops at events and sample times. The arithmetic mirrors
+ * integrate_numpy.py operation by operation (no FMA contraction), so the backends agree to
+ * round-off; see tests/test_kernel_parity.py.
+ *
+ * Layouts (structure of arrays): P[i*m + pat], events [e*m + pat], atol[NS], times[T];
+ * out is [n_rec, m, T] on the CPU (each thread writes its own rows) and [n_rec, T, m] on the GPU
+ * (neighbouring threads write neighbouring addresses).
+ * Status codes: 0 ok, 1 nonfinite, 2 step_underflow, 3 max_steps (engine/layout.py).
+ */
+#ifdef KERNEL_CUDA
+#define OUT_AT(r, pat, k) (((size_t)(r) * T + (k)) * m + (pat))
+#else
+#define OUT_AT(r, pat, k) (((size_t)(r) * m + (pat)) * T + (k))
+#endif
+#define EVT(e) ((e) < n_ev ? ev_t[(size_t)(e) * m + pat] : TWIN_INF)
+
+DEVICE real rmax(real a, real b) { return a > b ? a : b; }
+DEVICE real rmin(real a, real b) { return a < b ? a : b; }
+
+DEVICE void twin_patient(int pat, int m, const real* P, int n_ev, const real* ev_t, const signed char* ev_kind,
+                         const short* ev_tgt, const real* ev_val, int T, const real* times, int method,
+                         real rtol, const real* atol, long long max_steps, real dt, real first_step, int n_rec,
+                         const int* rec_kind, const int* rec_idx, real* out, signed char* status) {
+    const real C[7] = {0.0, 1.0 / 5, 3.0 / 10, 4.0 / 5, 8.0 / 9, 1.0, 1.0};
+    const real A[7][6] = {
+        {0, 0, 0, 0, 0, 0},
+        {1.0 / 5, 0, 0, 0, 0, 0},
+        {3.0 / 40, 9.0 / 40, 0, 0, 0, 0},
+        {44.0 / 45, -56.0 / 15, 32.0 / 9, 0, 0, 0},
+        {19372.0 / 6561, -25360.0 / 2187, 64448.0 / 6561, -212.0 / 729, 0, 0},
+        {9017.0 / 3168, -355.0 / 33, 46732.0 / 5247, 49.0 / 176, -5103.0 / 18656, 0},
+        {35.0 / 384, 0, 500.0 / 1113, 125.0 / 192, -2187.0 / 6784, 11.0 / 84}};
+    const real E[7] = {71.0 / 57600, 0, -71.0 / 16695, 71.0 / 1920, -17253.0 / 339200, 22.0 / 525, -1.0 / 40};
+    real p[NP_ARR], y[NS], u[NIN], k[7][NS], yn[NS], o[NOUT];
+    const int adaptive = (method == 0);
+    int i, j, st, r;
+
+    for (r = 0; r < n_rec; ++r)
+        for (j = 0; j < T; ++j) out[OUT_AT(r, pat, j)] = TWIN_NAN;
+    if (status[pat] != 0) return;
+    for (i = 0; i < NP; ++i) p[i] = P[(size_t)i * m + pat];
+    model_init(p, y);
+    for (i = 0; i < NIN; ++i) u[i] = 0;
+
+    real t = 0, h = 0;
+    int ev = 0, s = 0, k1ok = 0, code = 0;
+    long long steps = 0;
+
+/* apply due events, then record due samples (outputs are post-dose) */
+#define BOUNDARY()                                                                                  \
+    do {                                                                                            \
+        while (EVT(ev) <= t) {                                                                      \
+            size_t q = (size_t)ev * m + pat;                                                       \
+            if (ev_kind[q] == 0) y[ev_tgt[q]] += ev_val[q]; else u[ev_tgt[q]] += ev_val[q];         \
+            k1ok = 0;                                                                               \
+            ++ev;                                                                                   \
+        }                                                                                           \
+        while (s < T && times[s] <= t) {                                                            \
+            model_outputs(t, y, p, u, o);                                                           \
+            for (r = 0; r < n_rec; ++r) out[OUT_AT(r, pat, s)] = rec_kind[r] == 0 ? o[rec_idx[r]] : y[rec_idx[r]]; \
+            ++s;                                                                                    \
+        }                                                                                           \
+    } while (0)
+
+    BOUNDARY();
+    if (s >= T) return;
+
+    if (adaptive) {
+        if (first_step > 0) {
+            h = first_step;
+        } else { /* Hairer, Nørsett & Wanner II.4 */
+            real d0 = 0, d1 = 0, d2 = 0, sc;
+            model_rhs(t, y, p, u, k[0]);
+            for (i = 0; i < NS; ++i) {
+                sc = atol[i] + rtol * fabs(y[i]);
+                d0 += (y[i] / sc) * (y[i] / sc);
+                d1 += (k[0][i] / sc) * (k[0][i] / sc);
+            }
+            d0 = sqrt(d0 / NS);
+            d1 = sqrt(d1 / NS);
+            real h0 = (d0 < 1e-5 || d1 < 1e-5) ? 1e-6 : 0.01 * d0 / rmax(d1, 1e-300);
+            for (i = 0; i < NS; ++i) yn[i] = y[i] + h0 * k[0][i];
+            model_rhs(t + h0, yn, p, u, k[1]);
+            for (i = 0; i < NS; ++i) {
+                sc = atol[i] + rtol * fabs(y[i]);
+                d2 += ((k[1][i] - k[0][i]) / sc) * ((k[1][i] - k[0][i]) / sc);
+            }
+            d2 = sqrt(d2 / NS) / h0;
+            real dm = rmax(d1, d2);
+            real h1 = dm <= 1e-15 ? rmax(1e-6, h0 * 1e-3) : pow(0.01 / rmax(dm, 1e-300), 0.2);
+            h = rmin(100 * h0, h1);
+        }
+    } else {
+        h = dt;
+    }
+
+    for (;;) {
+        real stop = rmin(EVT(ev), times[s]);
+        real gap = stop - t, hi = h;
+        int hit = hi >= gap;
+        real hs = hit ? gap : hi, h_next;
+        int ok;
+        if (!k1ok) {
+            model_rhs(t, y, p, u, k[0]);
+            k1ok = 1;
+        }
+        for (i = 0; i < NS; ++i)
+            if (!isfinite_r(k[0][i])) { code = 1; goto fail; }
+        if (adaptive) {
+            for (st = 1; st < 7; ++st) {
+                for (i = 0; i < NS; ++i) {
+                    real acc = y[i];
+                    for (j = 0; j < st; ++j)
+                        if (A[st][j] != 0) acc += (hs * A[st][j]) * k[j][i];
+                    yn[i] = acc;
+                }
+                model_rhs(t + C[st] * hs, yn, p, u, k[st]);
+            }
+            real err = 0;
+            for (i = 0; i < NS; ++i) {
+                real e = 0;
+                for (j = 0; j < 7; ++j)
+                    if (E[j] != 0) e += E[j] * k[j][i];
+                e = hs * e;
+                real sc = atol[i] + rtol * rmax(fabs(y[i]), fabs(yn[i]));
+                err += (e / sc) * (e / sc);
+            }
+            err = sqrt(err / NS);
+            if (!isfinite_r(err)) err = TWIN_INF;
+            ok = err <= 1.0;
+            real fac = err == 0 ? 5.0 : rmin(rmax(0.9 * pow(rmax(err, 1e-300), -0.2), 0.2), 5.0);
+            if (!ok) fac = rmin(fac, 1.0);
+            h_next = hs * fac;
+            if (ok && hit) h_next = rmax(h_next, hi);
+        } else {
+            real tmp[NS];
+            for (i = 0; i < NS; ++i) tmp[i] = y[i] + (hs / 2) * k[0][i];
+            model_rhs(t + hs / 2, tmp, p, u, k[1]);
+            for (i = 0; i < NS; ++i) tmp[i] = y[i] + (hs / 2) * k[1][i];
+            model_rhs(t + hs / 2, tmp, p, u, k[2]);
+            for (i = 0; i < NS; ++i) tmp[i] = y[i] + hs * k[2][i];
+            model_rhs(t + hs, tmp, p, u, k[3]);
+            ok = 1;
+            for (i = 0; i < NS; ++i) {
+                yn[i] = y[i] + (hs / 6) * (k[0][i] + 2 * k[1][i] + 2 * k[2][i] + k[3][i]);
+                if (!isfinite_r(yn[i])) ok = 0;
+            }
+            h_next = hi;
+        }
+        ++steps;
+        if (ok) {
+            t = hit ? stop : t + hs;
+            for (i = 0; i < NS; ++i) y[i] = yn[i];
+            if (adaptive) {
+                for (i = 0; i < NS; ++i) k[0][i] = k[6][i];
+                k1ok = 1;
+            } else {
+                k1ok = 0;
+            }
+        }
+        h = h_next;
+        if (ok)
+            for (i = 0; i < NS; ++i)
+                if (!isfinite_r(y[i])) { code = 1; goto fail; }
+        if (!adaptive && !ok) { code = 1; goto fail; }
+        if (adaptive && !ok && h < 1e-14 * rmax(fabs(t), 1.0)) { code = 2; goto fail; }
+        if (steps >= max_steps) { code = 3; goto fail; }
+        if (ok && hit) {
+            BOUNDARY();
+            if (s >= T) return;
+        }
+    }
+fail:
+    status[pat] = (signed char)code;
+    for (r = 0; r < n_rec; ++r)
+        for (j = 0; j < T; ++j) out[OUT_AT(r, pat, j)] = TWIN_NAN;
+}
+
+#ifdef KERNEL_CUDA
+extern "C" __global__ void twin_run_cuda(int m, const real* P, int n_ev, const real* ev_t, const signed char* ev_kind,
+                                         const short* ev_tgt, const real* ev_val, int T, const real* times, int method,
+                                         real rtol, const real* atol, long long max_steps, real dt, real first_step,
+                                         int n_rec, const int* rec_kind, const int* rec_idx, real* out,
+                                         signed char* status) {
+    int pat = blockIdx.x * blockDim.x + threadIdx.x;
+    if (pat < m)
+        twin_patient(pat, m, P, n_ev, ev_t, ev_kind, ev_tgt, ev_val, T, times, method, rtol, atol, max_steps, dt,
+                     first_step, n_rec, rec_kind, rec_idx, out, status);
+}
+#else
+int twin_run(int m, const real* P, int n_ev, const real* ev_t, const signed char* ev_kind, const short* ev_tgt,
+             const real* ev_val, int T, const real* times, int method, real rtol, const real* atol,
+             long long max_steps, real dt, real first_step, int n_rec, const int* rec_kind, const int* rec_idx,
+             real* out, signed char* status, int n_threads) {
+    int pat;
+    (void)n_threads;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(dynamic, 8) num_threads(n_threads)
+#endif
+    for (pat = 0; pat < m; ++pat)
+        twin_patient(pat, m, P, n_ev, ev_t, ev_kind, ev_tgt, ev_val, T, times, method, rtol, atol, max_steps, dt,
+                     first_step, n_rec, rec_kind, rec_idx, out, status);
+    return 0;
+}
+int twin_abi_version(void) { return 1; }
+#endif
