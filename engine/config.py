@@ -50,6 +50,15 @@ class SolverSection(Strict):
     max_steps: Annotated[int, Field(ge=1)] = 1_000_000
     dt: Pos = 0.01  # fixed step (rk4 only), in the model's time unit
     first_step: Pos | None = None
+    # float32 runs the compiled kernels in single precision: ~1e-5 relative error floor (measured,
+    # tests/test_float32.py), so only sensible with rtol >= 1e-4; the numpy backend is float64 only
+    precision: Literal["float64", "float32"] = "float64"
+
+    @model_validator(mode="after")
+    def _prec(self):
+        if self.precision == "float32" and self.rtol < 1e-5:
+            raise ValueError(f"precision 'float32' cannot reach rtol={self.rtol}; use rtol >= 1e-5 or float64")
+        return self
 
 
 class ModelSection(Strict):

@@ -51,3 +51,28 @@ def build_events(model: Model, arms: list[Arm], arm_idx: np.ndarray, p: np.ndarr
         cols = np.broadcast_to(np.arange(m), fi.shape)
         ev.value[has] *= p[fi[has], cols[has]]
     return ev
+
+
+def schedule_events(model: Model, t: np.ndarray, values: dict[str, np.ndarray]) -> Events:
+    """Piecewise-constant per-patient input schedules as events.
+
+    t [K] are the times each value starts to hold; values[input] is [K, m]. Inputs start at 0;
+    an event is made only where a patient's value changes, so integration stops no more often
+    than the inputs actually change.
+    """
+    names = model.input_names
+    t = np.asarray(t, float)
+    rows_t, rows_g, rows_v = [], [], []
+    for name, v in values.items():
+        v = np.asarray(v, float)
+        delta = np.diff(v, axis=0, prepend=np.zeros((1, v.shape[1])))
+        rows_t.append(np.broadcast_to(t[:, None], v.shape))
+        rows_g.append(np.full(v.shape, names.index(name), np.int16))
+        rows_v.append(delta)
+    tt, gg, vv = np.concatenate(rows_t), np.concatenate(rows_g), np.concatenate(rows_v)
+    tt = np.where(vv != 0, tt, np.inf)  # unchanged values make no event
+    order = np.argsort(tt, axis=0, kind="stable")  # per patient, by time (input order kept on ties)
+    tt, gg, vv = (np.take_along_axis(a, order, axis=0) for a in (tt, gg, vv))
+    n = int(np.isfinite(tt).sum(axis=0).max()) if tt.size else 0
+    return Events(np.ascontiguousarray(tt[:n]), np.full((n, tt.shape[1]), EVENT_INPUT, np.int8),
+                  np.ascontiguousarray(gg[:n]), np.ascontiguousarray(vv[:n]))

@@ -122,6 +122,9 @@ def make_plan(loaded: LoadedJob, local_rank: int = 0) -> Plan:
     if overlap:
         raise TwinError(f"{loaded.path}: covariate names {sorted(overlap)} clash with parameters of {model.name}; rename the covariates")
     backend = resolve(job.job.backend, local_rank)
+    if job.solver.precision == "float32" and backend.name == "numpy":
+        raise TwinError(f"{loaded.path}: key 'solver.precision' = 'float32': backend 'numpy' runs in float64 only; "
+                        "use backend 'cpu', 'cuda' or 'auto'")
     return Plan(loaded, cohort, build_layout(loaded, cohort), backend, typical)
 
 
@@ -143,7 +146,7 @@ def compute_chunk(plan: Plan, chunk_id: int, check=None) -> dict[str, np.ndarray
     s = job.solver
     opts = SolverOptions(method=s.method, rtol=s.rtol, atol=s.atol, max_steps=s.max_steps, dt=s.dt,
                          first_step=s.first_step)
-    kernel = ode_kernel(model, plan.backend.name)
+    kernel = ode_kernel(model, plan.backend.name, s.precision)
     samples, status = kernel.run(P_run, events, layout.time, opts, job.outputs.variables, status, check)
     arrays: dict[str, np.ndarray] = {}
     for i, name in enumerate(job.outputs.variables):

@@ -164,82 +164,93 @@ def _ptr(a: np.ndarray, t):
     return a.ctypes.data_as(t)
 
 
-def _solver_args(model: Model, opts: SolverOptions):
-    atol = np.ascontiguousarray(np.broadcast_to(np.asarray(opts.atol, float), (len(model.states),)), dtype=np.float64)
+def _solver_args(model: Model, opts: SolverOptions, dtype=np.float64):
+    atol = np.ascontiguousarray(np.broadcast_to(np.asarray(opts.atol, float), (len(model.states),)), dtype=dtype)
     method = 0 if opts.method == "dopri5" else 1
     first = float(opts.first_step) if opts.first_step else 0.0
     return atol, method, first
 
 
-def _cpu_kernel(model: Model) -> OdeKernel:
-    src = kernel_source(model)
-    lib = ctypes.CDLL(str(build_shared_library(src, f"twin_{model.name}")))
+def _cpu_kernel(model: Model, precision: str = "float64") -> OdeKernel:
+    src = kernel_source(model, precision)
+    lib = ctypes.CDLL(str(build_shared_library(src, f"twin_{model.name}_{precision}")))
+    f32 = precision == "float32"
+    dt_np = np.float32 if f32 else np.float64
+    R, RP = (ctypes.c_float, ctypes.POINTER(ctypes.c_float)) if f32 else (ctypes.c_double, _D)
     fn = lib.twin_run
     fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_int, _D, ctypes.c_int, _D, _I8, _I16, _D, ctypes.c_int, _D, ctypes.c_int,
-                   ctypes.c_double, _D, ctypes.c_longlong, ctypes.c_double, ctypes.c_double, ctypes.c_int, _I32,
-                   _I32, _D, _I8, ctypes.c_int]
+    fn.argtypes = [ctypes.c_int, RP, ctypes.c_int, RP, _I8, _I16, RP, ctypes.c_int, RP, ctypes.c_int,
+                   R, RP, ctypes.c_longlong, R, R, ctypes.c_int, _I32, _I32, RP, _I8, ctypes.c_int]
 
     def run(p, events: Events, times, opts: SolverOptions, record: list[str], status, check=None):  # noqa: ARG001
         m = p.shape[1]
-        P = np.ascontiguousarray(p, dtype=np.float64)
-        ev_t = np.ascontiguousarray(events.time, dtype=np.float64)
+        P = np.ascontiguousarray(p, dtype=dt_np)
+        ev_t = np.ascontiguousarray(events.time, dtype=dt_np)
         ev_k = np.ascontiguousarray(events.kind, dtype=np.int8)
         ev_g = np.ascontiguousarray(events.target, dtype=np.int16)
-        ev_v = np.ascontiguousarray(events.value, dtype=np.float64)
-        tt = np.ascontiguousarray(times, dtype=np.float64)
+        ev_v = np.ascontiguousarray(events.value, dtype=dt_np)
+        tt = np.ascontiguousarray(times, dtype=dt_np)
         kind, idx = _record_plan(model, record)
-        out = np.empty((len(record), m, len(tt)))
+        out = np.empty((len(record), m, len(tt)), dtype=dt_np)
         st = np.ascontiguousarray(status, dtype=np.int8).copy()
-        atol, method, first = _solver_args(model, opts)
+        atol, method, first = _solver_args(model, opts, dt_np)
         # ctypes releases the GIL for the call: the dispatcher thread keeps serving other ranks
-        fn(m, _ptr(P, _D), ev_t.shape[0], _ptr(ev_t, _D), _ptr(ev_k, _I8), _ptr(ev_g, _I16), _ptr(ev_v, _D),
-           len(tt), _ptr(tt, _D), method, float(opts.rtol), _ptr(atol, _D), int(opts.max_steps), float(opts.dt),
-           first, len(record), _ptr(kind, _I32), _ptr(idx, _I32), _ptr(out, _D), _ptr(st, _I8), default_threads())
-        return out, st
+        fn(m, _ptr(P, RP), ev_t.shape[0], _ptr(ev_t, RP), _ptr(ev_k, _I8), _ptr(ev_g, _I16), _ptr(ev_v, RP),
+           len(tt), _ptr(tt, RP), method, float(opts.rtol), _ptr(atol, RP), int(opts.max_steps), float(opts.dt),
+           first, len(record), _ptr(kind, _I32), _ptr(idx, _I32), _ptr(out, RP), _ptr(st, _I8), default_threads())
+        return out.astype(np.float64, copy=False), st
 
     return OdeKernel(model, "cpu", run, src)
 
 
 # ---------------------------------------------------------------- cuda (CuPy RawModule)
-def _cuda_kernel(model: Model) -> OdeKernel:
+def _cuda_kernel(model: Model, precision: str = "float64") -> OdeKernel:
     import cupy as cp
 
-    src = kernel_source(model)
+    src = kernel_source(model, precision)
+    dt_np = np.float32 if precision == "float32" else np.float64
     mod = cp.RawModule(code=src, options=("--std=c++14",), name_expressions=None)
     fn = mod.get_function("twin_run_cuda")
 
     def run(p, events: Events, times, opts: SolverOptions, record: list[str], status, check=None):  # noqa: ARG001
         m = p.shape[1]
         kind, idx = _record_plan(model, record)
-        atol, method, first = _solver_args(model, opts)
+        atol, method, first = _solver_args(model, opts, dt_np)
         T = len(times)
         d = {k: cp.asarray(np.ascontiguousarray(v)) for k, v in dict(
-            P=np.asarray(p, np.float64), ev_t=np.asarray(events.time, np.float64),
+            P=np.asarray(p, dt_np), ev_t=np.asarray(events.time, dt_np),
             ev_k=np.asarray(events.kind, np.int8), ev_g=np.asarray(events.target, np.int16),
-            ev_v=np.asarray(events.value, np.float64), tt=np.asarray(times, np.float64), atol=atol,
+            ev_v=np.asarray(events.value, dt_np), tt=np.asarray(times, dt_np), atol=atol,
             kind=kind, idx=idx, st=np.asarray(status, np.int8)).items()}
-        out = cp.empty((len(record), T, m), dtype=cp.float64)
+        out = cp.empty((len(record), T, m), dtype=dt_np)
         threads = 128
         fn(((m + threads - 1) // threads,), (threads,),
            (np.int32(m), d["P"], np.int32(events.time.shape[0]), d["ev_t"], d["ev_k"], d["ev_g"], d["ev_v"],
-            np.int32(T), d["tt"], np.int32(method), np.float64(opts.rtol), d["atol"], np.int64(opts.max_steps),
-            np.float64(opts.dt), np.float64(first), np.int32(len(record)), d["kind"], d["idx"], out, d["st"]))
+            np.int32(T), d["tt"], np.int32(method), dt_np(opts.rtol), d["atol"], np.int64(opts.max_steps),
+            dt_np(opts.dt), dt_np(first), np.int32(len(record)), d["kind"], d["idx"], out, d["st"]))
         cp.cuda.get_current_stream().synchronize()
-        return np.ascontiguousarray(cp.asnumpy(out).transpose(0, 2, 1)), cp.asnumpy(d["st"])
+        host = cp.asnumpy(out).transpose(0, 2, 1).astype(np.float64)
+        return np.ascontiguousarray(host), cp.asnumpy(d["st"])
 
     return OdeKernel(model, "cuda", run, src)
 
 
 _BUILDERS = {"numpy": _numpy_kernel, "cpu": _cpu_kernel, "cuda": _cuda_kernel}
-_CACHE: dict[tuple[str, str, int], OdeKernel] = {}
+_CACHE: dict[tuple, OdeKernel] = {}
 
 
-def ode_kernel(model: Model, backend: str) -> OdeKernel:
-    key = (model.name, backend, id(model))
+def ode_kernel(model: Model, backend: str, precision: str = "float64") -> OdeKernel:
+    """precision float32 exists for the compiled backends (the NumPy reference is float64 only)."""
+    key = (model.name, backend, precision, id(model))
     if key not in _CACHE:
-        try:
-            _CACHE[key] = _BUILDERS[backend](model)
-        except KeyError:
-            raise ValueError(f"no {backend!r} kernel builder for ODE models") from None
+        if backend not in _BUILDERS:
+            raise ValueError(f"no {backend!r} kernel builder for ODE models")
+        if precision not in ("float64", "float32"):
+            raise ValueError(f"precision {precision!r}: float64 or float32")
+        if backend == "numpy":
+            if precision != "float64":
+                raise ValueError("the numpy reference backend runs in float64 only")
+            _CACHE[key] = _numpy_kernel(model)
+        else:
+            _CACHE[key] = _BUILDERS[backend](model, precision)
     return _CACHE[key]

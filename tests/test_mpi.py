@@ -84,8 +84,9 @@ def wait_for(cond, timeout=120.0, what=""):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_bit_identical_over_1_2_4_ranks(tmp_path, job_file):
-    text = small_job(name="ranks", n=150, chunk=11)  # 14 chunks, a ragged last chunk
+@pytest.mark.parametrize("backend", ["numpy", "cpu"])
+def test_bit_identical_over_1_2_4_ranks(tmp_path, job_file, backend):
+    text = small_job(name="ranks", n=150, chunk=11).replace('backend = "numpy"', f'backend = "{backend}"')  # 14 chunks, ragged last
     job = job_file(text)
     ref = reference(tmp_path, text)
     for k in (1, 2, 4):

@@ -12,8 +12,9 @@ from pathlib import Path
 
 from .model import Model
 
-_C_FUNCS = {"exp": "exp", "log": "log", "sqrt": "sqrt", "pow": "pow", "abs": "fabs", "min": "fmin",
-            "max": "fmax", "tanh": "tanh", "sin": "sin", "cos": "cos"}
+# r_* resolve to the double or float libm/CUDA functions (see HEADER)
+_C_FUNCS = {"exp": "r_exp", "log": "r_log", "sqrt": "r_sqrt", "pow": "r_pow", "abs": "r_fabs", "min": "r_fmin",
+            "max": "r_fmax", "tanh": "r_tanh", "sin": "r_sin", "cos": "r_cos"}
 _BIN = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
 _CMP = {ast.Lt: "<", ast.LtE: "<=", ast.Gt: ">", ast.GtE: ">="}
 
@@ -36,7 +37,7 @@ def to_c(node: ast.AST) -> str:
         return f"(-{to_c(node.operand)})" if isinstance(node.op, ast.USub) else to_c(node.operand)
     if isinstance(node, ast.BinOp):
         if isinstance(node.op, ast.Pow):
-            return f"pow({to_c(node.left)}, {to_c(node.right)})"
+            return f"r_pow({to_c(node.left)}, {to_c(node.right)})"
         return f"({to_c(node.left)} {_BIN[type(node.op)]} {to_c(node.right)})"
     if isinstance(node, ast.Compare):
         return f"({to_c(node.left)} {_CMP[type(node.ops[0])]} {to_c(node.comparators[0])})"
@@ -103,11 +104,42 @@ HEADER = r"""
 #define TWIN_REAL double
 #endif
 typedef TWIN_REAL real;
+#if TWIN_FLOAT32
+#define r_exp expf
+#define r_log logf
+#define r_sqrt sqrtf
+#define r_pow powf
+#define r_fabs fabsf
+#define r_fmin fminf
+#define r_fmax fmaxf
+#define r_tanh tanhf
+#define r_sin sinf
+#define r_cos cosf
+#else
+#define r_exp exp
+#define r_log log
+#define r_sqrt sqrt
+#define r_pow pow
+#define r_fabs fabs
+#define r_fmin fmin
+#define r_fmax fmax
+#define r_tanh tanh
+#define r_sin sin
+#define r_cos cos
+#endif
+#if TWIN_FLOAT32
+#define TWIN_TINY 1e-30f    /* smallest safe divisor */
+#define TWIN_HMIN 1e-6f     /* step-size floor relative to |t| (≈ 8 ulp of float) */
+#else
+#define TWIN_TINY 1e-300
+#define TWIN_HMIN 1e-14
+#endif
 #define TWIN_PI 3.141592653589793
 """
 
 
-def kernel_source(model: Model) -> str:
+def kernel_source(model: Model, precision: str = "float64") -> str:
     """Complete translation unit for one model: header, model functions, integrator."""
     integrator = (TEMPLATE_DIR / "integrator.c").read_text()
-    return HEADER + model_source(model) + integrator
+    prec = "#define TWIN_REAL float\n#define TWIN_FLOAT32 1\n" if precision == "float32" else "#define TWIN_FLOAT32 0\n"
+    return prec + HEADER + model_source(model) + integrator

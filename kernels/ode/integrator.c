@@ -22,6 +22,7 @@ DEVICE void twin_patient(int pat, int m, const real* P, int n_ev, const real* ev
                          const short* ev_tgt, const real* ev_val, int T, const real* times, int method,
                          real rtol, const real* atol, long long max_steps, real dt, real first_step, int n_rec,
                          const int* rec_kind, const int* rec_idx, real* out, signed char* status) {
+    /* constants are spelt in double and rounded once to `real` */
     const real C[7] = {0.0, 1.0 / 5, 3.0 / 10, 4.0 / 5, 8.0 / 9, 1.0, 1.0};
     const real A[7][6] = {
         {0, 0, 0, 0, 0, 0},
@@ -34,7 +35,7 @@ DEVICE void twin_patient(int pat, int m, const real* P, int n_ev, const real* ev
     const real E[7] = {71.0 / 57600, 0, -71.0 / 16695, 71.0 / 1920, -17253.0 / 339200, 22.0 / 525, -1.0 / 40};
     real p[NP_ARR], y[NS], u[NIN], k[7][NS], yn[NS], o[NOUT];
     const int adaptive = (method == 0);
-    int i, j, st, r;
+    int i, j, r;
 
     for (r = 0; r < n_rec; ++r)
         for (j = 0; j < T; ++j) out[OUT_AT(r, pat, j)] = TWIN_NAN;
@@ -73,22 +74,22 @@ DEVICE void twin_patient(int pat, int m, const real* P, int n_ev, const real* ev
             real d0 = 0, d1 = 0, d2 = 0, sc;
             model_rhs(t, y, p, u, k[0]);
             for (i = 0; i < NS; ++i) {
-                sc = atol[i] + rtol * fabs(y[i]);
+                sc = atol[i] + rtol * r_fabs(y[i]);
                 d0 += (y[i] / sc) * (y[i] / sc);
                 d1 += (k[0][i] / sc) * (k[0][i] / sc);
             }
-            d0 = sqrt(d0 / NS);
-            d1 = sqrt(d1 / NS);
-            real h0 = (d0 < 1e-5 || d1 < 1e-5) ? 1e-6 : 0.01 * d0 / rmax(d1, 1e-300);
+            d0 = r_sqrt(d0 / NS);
+            d1 = r_sqrt(d1 / NS);
+            real h0 = (d0 < 1e-5 || d1 < 1e-5) ? 1e-6 : 0.01 * d0 / rmax(d1, TWIN_TINY);
             for (i = 0; i < NS; ++i) yn[i] = y[i] + h0 * k[0][i];
             model_rhs(t + h0, yn, p, u, k[1]);
             for (i = 0; i < NS; ++i) {
-                sc = atol[i] + rtol * fabs(y[i]);
+                sc = atol[i] + rtol * r_fabs(y[i]);
                 d2 += ((k[1][i] - k[0][i]) / sc) * ((k[1][i] - k[0][i]) / sc);
             }
-            d2 = sqrt(d2 / NS) / h0;
+            d2 = r_sqrt(d2 / NS) / h0;
             real dm = rmax(d1, d2);
-            real h1 = dm <= 1e-15 ? rmax(1e-6, h0 * 1e-3) : pow(0.01 / rmax(dm, 1e-300), 0.2);
+            real h1 = dm <= 1e-15 ? rmax(1e-6, h0 * 1e-3) : r_pow(0.01 / rmax(dm, TWIN_TINY), 0.2);
             h = rmin(100 * h0, h1);
         }
     } else {
@@ -108,28 +109,41 @@ DEVICE void twin_patient(int pat, int m, const real* P, int n_ev, const real* ev
         for (i = 0; i < NS; ++i)
             if (!isfinite_r(k[0][i])) { code = 1; goto fail; }
         if (adaptive) {
-            for (st = 1; st < 7; ++st) {
-                for (i = 0; i < NS; ++i) {
-                    real acc = y[i];
-                    for (j = 0; j < st; ++j)
-                        if (A[st][j] != 0) acc += (hs * A[st][j]) * k[j][i];
-                    yn[i] = acc;
-                }
-                model_rhs(t + C[st] * hs, yn, p, u, k[st]);
-            }
+/* stages written out (same operation order as the NumPy reference, zero weights skipped) so the
+ * compiler sees straight-line code with literal coefficients */
+#define STAGE(st, ACC)                                   \
+            for (i = 0; i < NS; ++i) {                    \
+                real acc = y[i];                          \
+                ACC;                                      \
+                yn[i] = acc;                              \
+            }                                             \
+            model_rhs(t + C[st] * hs, yn, p, u, k[st]);
+#define T_(st, j) acc += (hs * A[st][j]) * k[j][i]
+            STAGE(1, T_(1, 0))
+            STAGE(2, T_(2, 0); T_(2, 1))
+            STAGE(3, T_(3, 0); T_(3, 1); T_(3, 2))
+            STAGE(4, T_(4, 0); T_(4, 1); T_(4, 2); T_(4, 3))
+            STAGE(5, T_(5, 0); T_(5, 1); T_(5, 2); T_(5, 3); T_(5, 4))
+            STAGE(6, T_(6, 0); T_(6, 2); T_(6, 3); T_(6, 4); T_(6, 5))
+#undef T_
+#undef STAGE
             real err = 0;
             for (i = 0; i < NS; ++i) {
                 real e = 0;
-                for (j = 0; j < 7; ++j)
-                    if (E[j] != 0) e += E[j] * k[j][i];
+                e += E[0] * k[0][i];
+                e += E[2] * k[2][i];
+                e += E[3] * k[3][i];
+                e += E[4] * k[4][i];
+                e += E[5] * k[5][i];
+                e += E[6] * k[6][i];
                 e = hs * e;
-                real sc = atol[i] + rtol * rmax(fabs(y[i]), fabs(yn[i]));
+                real sc = atol[i] + rtol * rmax(r_fabs(y[i]), r_fabs(yn[i]));
                 err += (e / sc) * (e / sc);
             }
-            err = sqrt(err / NS);
+            err = r_sqrt(err / NS);
             if (!isfinite_r(err)) err = TWIN_INF;
             ok = err <= 1.0;
-            real fac = err == 0 ? 5.0 : rmin(rmax(0.9 * pow(rmax(err, 1e-300), -0.2), 0.2), 5.0);
+            real fac = err == 0 ? 5.0 : rmin(rmax(0.9 * r_pow(rmax(err, TWIN_TINY), -0.2), 0.2), 5.0);
             if (!ok) fac = rmin(fac, 1.0);
             h_next = hs * fac;
             if (ok && hit) h_next = rmax(h_next, hi);
@@ -164,7 +178,7 @@ DEVICE void twin_patient(int pat, int m, const real* P, int n_ev, const real* ev
             for (i = 0; i < NS; ++i)
                 if (!isfinite_r(y[i])) { code = 1; goto fail; }
         if (!adaptive && !ok) { code = 1; goto fail; }
-        if (adaptive && !ok && h < 1e-14 * rmax(fabs(t), 1.0)) { code = 2; goto fail; }
+        if (adaptive && !ok && h < TWIN_HMIN * rmax(r_fabs(t), 1.0)) { code = 2; goto fail; }
         if (steps >= max_steps) { code = 3; goto fail; }
         if (ok && hit) {
             BOUNDARY();

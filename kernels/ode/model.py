@@ -15,6 +15,14 @@ from dataclasses import dataclass, field
 FUNCTIONS = ("exp", "log", "sqrt", "pow", "abs", "min", "max", "tanh", "sin", "cos", "ifelse")
 # ifelse(cond, a, b): a where cond holds, else b; cond is a single comparison (<, <=, >, >=)
 CONSTANTS = ("pi",)
+# names the generated NumPy/C code uses itself, and C/C++ keywords: a model may not declare them
+RESERVED = frozenset("""
+t y p u dy o np P T m pat real k yn
+NS NP NIN NOUT NP_ARR DEVICE EVT OUT_AT KERNEL_CUDA
+auto break case char const continue default do double else enum extern float for goto if inline int long
+register restrict return short signed sizeof static struct switch typedef union unsigned void volatile while
+bool true false class delete new namespace operator private protected public template this throw try
+""".split()) | set(FUNCTIONS) | set(CONSTANTS)
 
 
 @dataclass(frozen=True)
@@ -120,6 +128,9 @@ class Model:
         for group in (self.states, self.parameters, self.inputs):
             names += [x.name for x in group]
         names += [n for n, _ in self.expressions]
+        bad = sorted((set(names) - {"t"}) & RESERVED | {n for n in names if n.startswith(("TWIN_", "_twin"))})
+        if bad:
+            raise ValueError(f"model {self.name}: names {bad} are reserved by the code generators; rename them")
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"model {self.name}: duplicate names {sorted(dup)}")

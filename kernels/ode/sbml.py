@@ -30,8 +30,8 @@ zero-dimensional compartments), and every other symbol (parameter, compartment, 
 species reference) by its own name.
 
 Anything outside this subset raises `ValueError` naming the feature (events, algebraic rules,
-delays, fast reactions, rateOf, variable compartments holding species, undefined values, SBML
-packages, functions with no exact rewrite), so callers can skip a model honestly.
+delays, fast reactions, rateOf of assigned variables, undefined values, SBML packages, functions
+with no exact rewrite), so callers can skip a model honestly.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import model as _model_mod
 from .model import CONSTANTS, FUNCTIONS, Model, Output, Parameter, State, check_expr
 
 try:  # optional dependency: only this importer needs it
@@ -56,7 +57,9 @@ except ImportError:  # pragma: no cover - exercised only without libsbml
 
 AVOGADRO = 6.02214179e23  # value fixed by the SBML L3 specification
 # names the generated code uses itself, or that the expression language reserves
-_RESERVED = set(keyword.kwlist) | set(FUNCTIONS) | set(CONSTANTS) | {"t", "y", "p", "u", "dy", "np", "time"}
+_RESERVED = (set(keyword.kwlist) | set(FUNCTIONS) | set(CONSTANTS) | {"t", "y", "p", "u", "dy", "np", "time"}
+             | set(getattr(_model_mod, "RESERVED", ())))
+_RESERVED_PREFIXES = ("TWIN_", "_twin")
 
 # packages that never change the dynamics (l3v2extendedmath's functions are handled as math)
 _HARMLESS_PACKAGES = {"l3v2extendedmath", "layout", "render", "groups", "fbc"}
@@ -91,9 +94,10 @@ def _num(x: float) -> str:
 class _MathTranslator:
     """libsbml ASTNode -> expression-language string with fully parenthesised sub-expressions."""
 
-    def __init__(self, functions: dict, where: str):
+    def __init__(self, functions: dict, where: str, rate_of=None):
         self.functions = functions  # id -> (argument names, body ASTNode)
         self.where = where
+        self.rate_of = rate_of  # rate_of(our name of the symbol) -> expression of its rate of change
 
     def expr(self, node, scope: dict[str, str], env: dict[str, str] | None = None, depth: int = 0) -> str:
         if depth > 200:
@@ -129,7 +133,8 @@ class _MathTranslator:
         if t == L.AST_CONSTANT_E:
             return "exp(1.0)"
         if t in (L.AST_CONSTANT_TRUE, L.AST_CONSTANT_FALSE) or self._is_boolean(node):
-            raise _unsupported("boolean value used as a number", f"{self.where}: {self._formula(node)}")
+            # a boolean read as a number is 1 or 0 (SBML L3V2)
+            return self._branch(self._cond(node, scope, env, depth + 1), "(1.0)", "(0.0)")
         if t == L.AST_PLUS:
             return "(" + " + ".join(e(c) for c in ch) + ")" if n else "(0.0)"
         if t == L.AST_TIMES:
@@ -191,6 +196,8 @@ class _MathTranslator:
             if fid not in self.functions:
                 raise ValueError(f"{self.where}: call of unknown function {fid!r}")
             args, body = self.functions[fid]
+            if body is None:
+                raise _unsupported("function definition without math", f"{self.where}: {fid}")
             if len(args) != n:
                 raise ValueError(f"{self.where}: function {fid!r} takes {len(args)} argument(s), got {n}")
             inner = {a: e(c) for a, c in zip(args, ch)}
@@ -198,7 +205,9 @@ class _MathTranslator:
         if t == L.AST_FUNCTION_DELAY:
             raise _unsupported("delay", self.where)
         if t == L.AST_FUNCTION_RATE_OF:
-            raise _unsupported("rateOf", self.where)
+            if n != 1 or ch[0].getType() != L.AST_NAME or ch[0].getName() in env or self.rate_of is None:
+                raise _unsupported("rateOf of an expression", f"{self.where}: {self._formula(node)}")
+            return self.rate_of(e(ch[0]), self.where)
         if t == L.AST_CSYMBOL_FUNCTION or t == L.AST_FUNCTION_DELAY:
             raise _unsupported("csymbol function", self.where)
         label = node.getName() or libsbml.formulaToL3String(node)
@@ -260,10 +269,20 @@ class _MathTranslator:
             fid = node.getName()
             if fid in self.functions:
                 args, body = self.functions[fid]
-                if len(args) == n:
+                if len(args) == n and body is not None:
                     inner = {a: self.expr(c, scope, env, depth + 1) for a, c in zip(args, ch)}
                     return self._cond(body, scope, inner, depth + 1)
-        raise _unsupported("non-boolean piecewise condition", f"{self.where}: {self._formula(node)}")
+        if t == L.AST_FUNCTION_PIECEWISE:  # piecewise with boolean pieces: a decision tree of conditions
+            if n % 2 == 0:
+                raise _unsupported("piecewise without an otherwise branch", f"{self.where}: {self._formula(node)}")
+            out = self._cond(ch[-1], scope, env, depth + 1)
+            for i in reversed(range(0, n - 1, 2)):
+                c = self._cond(ch[i + 1], scope, env, depth + 1)
+                v = self._cond(ch[i], scope, env, depth + 1)
+                out = _Cond("or", (_Cond("and", (c, v)), _Cond("and", (_Cond("not", (c,)), out))))
+            return out
+        # a number read as a boolean is true when non-zero (SBML L3V2)
+        return _Cond("cmp", ("!=", self.expr(node, scope, env, depth + 1), "(0.0)"))
 
     def _branch(self, c: _Cond, a: str, b: str) -> str:
         """Expression equal to a where condition c holds, else b, built from single comparisons."""
@@ -327,8 +346,8 @@ def _fold(tree: ast.Expression) -> str | float:
 
 def _safe_name(sid: str, taken: set[str]) -> str:
     name = sid if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", sid) else re.sub(r"\W", "_", sid)
-    if not re.match(r"[A-Za-z_]", name):
-        name = "_" + name
+    if not re.match(r"[A-Za-z_]", name) or name.startswith(_RESERVED_PREFIXES):
+        name = "s_" + name
     while name in _RESERVED or name in taken:
         name += "_"
     taken.add(name)
@@ -404,8 +423,9 @@ def import_sbml_mapped(source: str | os.PathLike, *, name: str | None = None) ->
     # ---- functions and symbols
     functions = {}
     for fd in m.getListOfFunctionDefinitions():
-        if fd.getMath() is None or fd.getBody() is None:
-            raise ValueError(f"function definition {fd.getId()!r} has no body")
+        if fd.getMath() is None or fd.getBody() is None:  # an error only if it is called
+            functions[fd.getId()] = ([], None)
+            continue
         functions[fd.getId()] = ([fd.getArgument(i).getName() for i in range(fd.getNumArguments())], fd.getBody())
 
     taken: set[str] = set()
@@ -432,13 +452,14 @@ def import_sbml_mapped(source: str | os.PathLike, *, name: str | None = None) ->
     for r in m.getListOfReactions():
         for lst in (r.getListOfReactants(), r.getListOfProducts()):
             for sr in lst:
-                if sr.isSetId() and sr.getId():
+                if m.getLevel() >= 3 and sr.isSetId() and sr.getId():  # symbols in math from L3 on
                     add(sr.getId(), "specref")
                     specrefs[sr.getId()] = sr
 
-    assign = {r.getVariable(): r for r in m.getListOfRules() if r.isAssignment()}
-    rate = {r.getVariable(): r for r in m.getListOfRules() if r.isRate()}
-    initial = {ia.getSymbol(): ia for ia in m.getListOfInitialAssignments()}
+    # a rule or initial assignment without math has no effect (SBML L3V2)
+    assign = {r.getVariable(): r for r in m.getListOfRules() if r.isAssignment() and r.isSetMath()}
+    rate = {r.getVariable(): r for r in m.getListOfRules() if r.isRate() and r.isSetMath()}
+    initial = {ia.getSymbol(): ia for ia in m.getListOfInitialAssignments() if ia.isSetMath()}
     for v in list(assign) + list(rate) + list(initial):
         if v not in scope:
             raise ValueError(f"rule or initial assignment for unknown symbol {v!r}")
@@ -455,9 +476,14 @@ def import_sbml_mapped(source: str | os.PathLike, *, name: str | None = None) ->
             return c.getSpatialDimensionsAsDouble() if c.isSetSpatialDimensions() else 3.0
         return float(c.getSpatialDimensions())
 
+    def amount_only(cid: str) -> bool:
+        """Species symbols in this compartment are amounts: 0-D compartments before L3, or without size."""
+        c = comps[cid]
+        return dims(cid) == 0 and (m.getLevel() < 3 or not (c.isSetSize() or cid in initial or cid in assign or cid in rate))
+
     def is_conc(sid: str) -> bool:
         s = species[sid]
-        return not s.getHasOnlySubstanceUnits() and dims(s.getCompartment()) != 0
+        return not s.getHasOnlySubstanceUnits() and not amount_only(s.getCompartment())
 
     for sid, s in species.items():
         cid = s.getCompartment()
@@ -470,7 +496,14 @@ def import_sbml_mapped(source: str | os.PathLike, *, name: str | None = None) ->
     for c in sizeless:
         scope[c] = _SIZELESS
 
-    tr = _MathTranslator(functions, where_model)
+    rate_refs: dict[str, str] = {}  # our name of a symbol -> name of the intermediate holding its rate
+
+    def rate_of(nm: str, where: str) -> str:
+        if nm not in rate_refs:
+            rate_refs[nm] = _safe_name(f"rateOf_{nm}", taken)
+        return rate_refs[nm]
+
+    tr = _MathTranslator(functions, where_model, rate_of)
 
     def math_of(node, where: str, sc=None) -> ast.Expression:
         if node is None:
@@ -500,6 +533,10 @@ def import_sbml_mapped(source: str | os.PathLike, *, name: str | None = None) ->
                 sc[lp.getId()] = nm
                 local_params.append((nm, lp.getValue(), lp.getUnits() if lp.isSetUnits() else ""))
         rate_law[rid] = math_of(kl.getMath(), f"kinetic law of {rid}", sc)
+    # translate all math now, so every rateOf reference is known before they are resolved
+    assign_math = {v: math_of(r.getMath(), f"assignment rule for {v}") for v, r in assign.items()}
+    rate_math = {v: math_of(r.getMath(), f"rate rule for {v}") for v, r in rate.items()}
+    initial_math = {v: math_of(ia.getMath(), f"initial assignment for {v}") for v, ia in initial.items()}
 
     # ---- roles
     state_ids: list[str] = []
@@ -562,11 +599,11 @@ def import_sbml_mapped(source: str | os.PathLike, *, name: str | None = None) ->
         busy.add(sid)
         k = kind[sid]
         if sid in assign:
-            tree = math_of(assign[sid].getMath(), f"assignment rule for {sid}")
+            tree = assign_math[sid]
         elif k == "reaction":
             tree = rate_law[sid]
         elif sid in initial:
-            tree = math_of(initial[sid].getMath(), f"initial assignment for {sid}")
+            tree = initial_math[sid]
         elif k == "species":
             s = species[sid]
             cid = s.getCompartment()
@@ -575,7 +612,7 @@ def import_sbml_mapped(source: str | os.PathLike, *, name: str | None = None) ->
                 src = f"({_num(s.getInitialAmount())} / {v})" if is_conc(sid) else _num(s.getInitialAmount())
             elif s.isSetInitialConcentration():
                 c = _num(s.getInitialConcentration())
-                src = c if is_conc(sid) or dims(cid) == 0 else f"({c} * {v})"
+                src = c if is_conc(sid) or amount_only(cid) else f"({c} * {v})"
             else:
                 raise _unsupported("undefined value", f"species {sid!r} has no initial amount or concentration")
             tree = ast.parse(src, mode="eval")
@@ -594,11 +631,37 @@ def import_sbml_mapped(source: str | os.PathLike, *, name: str | None = None) ->
                 return None
             if nm in by_name:
                 return init_of(by_name[nm])
+            if nm in rate_names:
+                return init_rate(nm)
             raise ValueError(f"initial value of {sid!r}: unknown name {nm!r}")
 
         body = _Subst(repl).visit(copy.deepcopy(tree)).body
         busy.discard(sid)
         init_memo[sid] = body
+        return body
+
+    def init_rate(rname: str) -> ast.AST:
+        """Initial value of a rateOf intermediate (defined once derivatives are known)."""
+        if rname in init_memo:
+            return init_memo[rname]
+        if rname in busy:
+            raise ValueError(f"cyclic initial values involving {rname!r}")
+        busy.add(rname)
+
+        def repl(nm: str):
+            if nm == "t":
+                return ast.Constant(0.0)
+            if nm in param_names:
+                return None
+            if nm in by_name:
+                return init_of(by_name[nm])
+            if nm in rate_names:
+                return init_rate(nm)
+            raise ValueError(f"initial value of {rname!r}: unknown name {nm!r}")
+
+        body = _Subst(repl).visit(copy.deepcopy(rate_defs[rname])).body
+        busy.discard(rname)
+        init_memo[rname] = body
         return body
 
     # ---- stoichiometry and derivatives
@@ -611,11 +674,11 @@ def import_sbml_mapped(source: str | os.PathLike, *, name: str | None = None) ->
                 sp = sr.getSpecies()
                 if sp not in species:
                     raise ValueError(f"reaction {rid!r} refers to unknown species {sp!r}")
-                if sr.isSetId() and sr.getId():
-                    st = scope[sr.getId()]
-                elif sr.isSetStoichiometryMath():
+                if sr.isSetStoichiometryMath():
                     sm = sr.getStoichiometryMath()
                     st = ast.unparse(math_of(sm.getMath(), f"stoichiometryMath of {sp} in {rid}"))
+                elif sr.isSetId() and sr.getId() in specrefs:
+                    st = scope[sr.getId()]
                 elif sr.isSetStoichiometry() or m.getLevel() < 3:
                     v = sr.getStoichiometry()
                     if math.isnan(v):
@@ -629,7 +692,7 @@ def import_sbml_mapped(source: str | os.PathLike, *, name: str | None = None) ->
     for sid in state_ids:
         nm = state_name[sid]
         if sid in rate:
-            derivatives[nm] = ast.unparse(math_of(rate[sid].getMath(), f"rate rule for {sid}"))
+            derivatives[nm] = ast.unparse(rate_math[sid])
         elif kind[sid] == "species" and not species[sid].getBoundaryCondition() and not species[sid].getConstant() \
                 and terms[sid]:
             s = species[sid]
@@ -646,6 +709,24 @@ def import_sbml_mapped(source: str | os.PathLike, *, name: str | None = None) ->
         else:
             derivatives[nm] = "0.0"
 
+    # ---- rateOf(x): the derivative of a state, 0 for a constant; refused for assigned variables
+    rate_defs: dict[str, ast.Expression] = {}
+    for nm, rname in rate_refs.items():
+        sid = by_name.get(nm)
+        if sid is None or sid in param_ids or sid in fixed_ids:  # local or global constant
+            src = "0.0"
+        elif sid in assign or kind[sid] == "reaction":
+            raise _unsupported("rateOf of an assigned variable", sid)
+        elif sid in amount_state:  # d(n/V)/dt = (dn/dt - [S] dV/dt) / V
+            cid = species[sid].getCompartment()
+            if cid not in rate:
+                raise _unsupported("rateOf of an assigned variable", f"{sid} in compartment {cid} set by a rule")
+            src = f"(({derivatives[state_name[sid]]}) - {nm} * ({derivatives[state_name[cid]]})) / {scope[cid]}"
+        else:
+            src = derivatives[state_name[sid]]
+        rate_defs[rname] = ast.parse(src, mode="eval")
+    rate_names = {v: k for k, v in rate_refs.items()}
+
     # ---- intermediates: fixed symbols first (parameters only), then rules and rates in dependency order
     expressions: list[tuple[str, str]] = []
     for sid in fixed_ids:
@@ -653,24 +734,24 @@ def import_sbml_mapped(source: str | os.PathLike, *, name: str | None = None) ->
     defs: dict[str, ast.Expression] = {}
     for sid in inter_ids:
         if kind[sid] == "reaction":
-            defs[sid] = rate_law[sid]
+            defs[scope[sid]] = rate_law[sid]
         elif sid in assign:
-            defs[sid] = math_of(assign[sid].getMath(), f"assignment rule for {sid}")
+            defs[scope[sid]] = assign_math[sid]
         else:  # concentration of an amount state
-            defs[sid] = ast.parse(f"{state_name[sid]} / {scope[species[sid].getCompartment()]}", mode="eval")
-    inter_names = {scope[s]: s for s in inter_ids}
-    deps = {sid: {inter_names[n] for n in _names_in(defs[sid]) if n in inter_names} for sid in inter_ids}
+            defs[scope[sid]] = ast.parse(f"{state_name[sid]} / {scope[species[sid].getCompartment()]}", mode="eval")
+    defs.update(rate_defs)
+    deps = {nm: {n for n in _names_in(tree) if n in defs} for nm, tree in defs.items()}
     done: list[str] = []
-    left = list(inter_ids)
+    left = list(defs)
     while left:
-        ready = [s for s in left if deps[s] <= set(done)]
+        ready = [nm for nm in left if deps[nm] <= set(done)]
         if not ready:
             raise _unsupported("algebraic loop", f"assignment rules/rates depend on each other cyclically: {sorted(left)}")
-        for s in ready:
-            done.append(s)
-            left.remove(s)
-    for sid in done:
-        expressions.append((scope[sid], ast.unparse(defs[sid])))
+        for nm in ready:
+            done.append(nm)
+            left.remove(nm)
+    for nm in done:
+        expressions.append((nm, ast.unparse(defs[nm])))
 
     # ---- declaration
     parameters = []
@@ -708,7 +789,7 @@ def import_sbml_mapped(source: str | os.PathLike, *, name: str | None = None) ->
             elif is_conc(sid):
                 amount, conc = f"{nm} * {v}", nm
             else:
-                amount, conc = nm, (f"{nm} / {v}" if dims(cid) != 0 else None)
+                amount, conc = nm, (f"{nm} / {v}" if not amount_only(cid) else None)
             amount_out[sid] = _safe_name(f"{nm}_amount", taken)
             outputs.append(Output(amount_out[sid], amount, "", f"amount of species {sid}"))
             if conc is not None:
