@@ -230,6 +230,102 @@ def run_diffrax(case, n):
     return np.asarray(out), wall, cpu
 
 
+# ---------------------------------------------------------------- torchdiffeq (batched odeint)
+class _TorchNP:
+    """The few NumPy names generated expressions use, on torch tensors."""
+
+    def __init__(self, torch):
+        self.t = torch
+        self.pi = float(np.pi)
+        for n in ("exp", "log", "sqrt", "abs", "tanh", "sin", "cos"):
+            setattr(self, n, getattr(torch, n))
+
+    def _pair(self, a, b):
+        ref = a if self.t.is_tensor(a) else b
+        cv = lambda x: x if self.t.is_tensor(x) else self.t.as_tensor(x, dtype=ref.dtype, device=ref.device)  # noqa: E731
+        return cv(a), cv(b)
+
+    def maximum(self, a, b):
+        return self.t.maximum(*self._pair(a, b))
+
+    def minimum(self, a, b):
+        return self.t.minimum(*self._pair(a, b))
+
+    def power(self, a, b):
+        return self.t.pow(a, b)
+
+    def where(self, c, a, b):
+        return self.t.where(c, *self._pair(a, b))
+
+
+def torch_rhs(model, torch):
+    st, pa, inp = model.state_names, model.parameter_names, model.input_names
+    lines = ["def rhs(t, y, p, u):"] + [f"    {n} = y[:, {i}]" for i, n in enumerate(st)]
+    lines += [f"    {n} = p[:, {i}]" for i, n in enumerate(pa)] + [f"    {n} = u[:, {i}]" for i, n in enumerate(inp)]
+    lines += [f"    {n} = {to_numpy_expr(e)}" for n, e in model.expressions]
+    lines += ["    z = 0 * y[:, 0]", "    return torch.stack([" + ", ".join(
+        f"z + ({to_numpy_expr(model.derivatives[n])})" for n in st) + "], dim=1)"]
+    lines += ["def out(t, y, p, u):"] + [f"    {n} = y[:, {i}]" for i, n in enumerate(st)]
+    lines += [f"    {n} = p[:, {i}]" for i, n in enumerate(pa)] + [f"    {n} = u[:, {i}]" for i, n in enumerate(inp)]
+    lines += [f"    {n} = {to_numpy_expr(e)}" for n, e in model.expressions]
+    lines += ["    return {" + ", ".join(f"{o.name!r}: {to_numpy_expr(o.expr)}" for o in model.outputs) + "}"]
+    ns = {"np": _TorchNP(torch), "torch": torch}
+    exec("\n".join(lines), ns)
+    return ns["rhs"], ns["out"]
+
+
+def run_torchdiffeq(case, n, device):
+    """torchdiffeq's usual batched use: the whole ensemble is one system with one step size."""
+    import torch
+    from torchdiffeq import odeint
+
+    m = case["model"]
+    rhs, outf = torch_rhs(m, torch)
+    dev = torch.device(device)
+    P = torch.as_tensor(case["P"][:, :n].T.copy(), dtype=torch.float64, device=dev)
+    y = torch.as_tensor(generate(m).init(case["P"][:, :n]).T.copy(), dtype=torch.float64, device=dev)
+    n_in = max(len(m.inputs), 1)
+    name = case["record"][0]
+    times = case["times"]
+    kw = dict(method="dopri5", rtol=case["rtol"], atol=case["atol"])
+
+    def rec(yy, u):
+        return outf(0.0, yy, P, u)[name] if name in m.output_names else yy[:, m.state_names.index(name)]
+
+    def go():
+        yy = y.clone()
+        res = []
+        if m.name == "lorenz":
+            u = torch.zeros((n, n_in), dtype=torch.float64, device=dev)
+            sol = odeint(lambda t, z: rhs(t, z, P, u), yy, torch.as_tensor(times, device=dev), **kw)
+            res = [rec(s, u) for s in sol]
+        elif m.name == "pk_2cmt":
+            u = torch.zeros((n, n_in), dtype=torch.float64, device=dev)
+            F = P[:, m.parameter_names.index("F")]
+            for kk in range(14):
+                yy[:, 0] += F * 100.0
+                ts = torch.arange(12.0 * kk, 12.0 * kk + 12.0 + 0.5, 1.0, dtype=torch.float64, device=dev)
+                sol = odeint(lambda t, z: rhs(t, z, P, u), yy, ts, **kw)
+                res += [rec(s, u) for s in sol[:-1]]
+                yy = sol[-1]
+            res.append(rec(yy, u))
+        else:
+            U = torch.as_tensor(np.stack([case["inputs"][k][:, :n] for k in m.input_names], axis=-1),
+                                dtype=torch.float64, device=dev)
+            res.append(rec(yy, U[0]))
+            for kk in range(1440):
+                ts = torch.tensor([kk, kk + 1.0], dtype=torch.float64, device=dev)
+                yy = odeint(lambda t, z: rhs(t, z, P, U[kk]), yy, ts, **kw)[-1]
+                res.append(rec(yy, U[kk]))
+            res = res[::5]
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return torch.stack(res, dim=1).cpu().numpy()
+
+    out, wall, cpu = timed(go)
+    return out, wall, cpu
+
+
 # ---------------------------------------------------------------- driver
 def row(case_name, peer, n, wall, cpu, days):
     r = {"case": case_name, "peer": peer, "patients": n, "wall_s": wall, "cpu_s": cpu, "patients_per_s": n / wall}
@@ -249,6 +345,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-diffrax", action="store_true")
+    ap.add_argument("--backend", default="cpu", choices=["cpu", "cuda"], help="our compiled backend to time")
+    ap.add_argument("--torchdiffeq", action="store_true", help="also time torchdiffeq (on the GPU with --backend cuda)")
+    ap.add_argument("--only", nargs="*", help="cases to run (lorenz uva30 uva pk)")
     ap.add_argument("-o", default=str(Path(__file__).with_name("ensemble.json")))
     a = ap.parse_args()
     big = {"lorenz": 10_000, "uva30": 30, "uva": 10_000, "pk": 100_000}
@@ -259,13 +358,27 @@ def main():
         sub = {k: min(v, 20) for k, v in sub.items()}
         dfx_n = {k: min(v, 300) for k, v in dfx_n.items()}
     makers = {"lorenz": lorenz_case, "uva30": uva_case, "uva": uva_case, "pk": pk_case}
+    if a.only:
+        makers = {k: v for k, v in makers.items() if k in a.only}
+    if a.backend == "cuda":  # a GPU holds far more than the CPU sizes
+        big = {k: v * (10 if k != "uva30" else 1) for k, v in big.items()}
+        dfx_n = {k: big[k] if k != "uva" else min(big[k], 10_000) for k in dfx_n}
     rows = []
     for name, mk in makers.items():
         case = mk(big[name])
         print(f"{name}: {big[name]} patients", flush=True)
         days = case["days_per_patient"]
-        ours, w, c = run_ours(case, "cpu")
-        rows.append(row(name, f"twin cpu ({default_threads()} threads)", big[name], w, c, days))
+        ours, w, c = run_ours(case, a.backend)
+        if a.backend == "cuda":
+            run_ours(case, "cuda")  # the first call includes NVRTC compilation; time a second one
+            ours, w, c = run_ours(case, "cuda")
+            import cupy as cp
+
+            dev = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["name"]
+            label = f"twin cuda ({dev.decode() if isinstance(dev, bytes) else dev})"
+        else:
+            label = f"twin cpu ({default_threads()} threads)"
+        rows.append(row(name, label, big[name], w, c, days))
         ours_np, w, c = run_ours({**case, "P": case["P"][:, :sub[name] * 10], "events": _cut(case["events"], sub[name] * 10)}, "numpy")
         rows.append(row(name, "twin numpy", sub[name] * 10, w, c, days))
         k = sub[name]
@@ -277,7 +390,12 @@ def main():
             dx, w, c = run_diffrax(case, k)
             agree(ours[:k], dx, "diffrax")
             rows.append(row(name, "diffrax Dopri5 (jax vmap, CPU)", k, w, c, days))
-        for r in rows[-4:]:
+        if a.torchdiffeq:
+            k = dfx_n[name]
+            td, w, c = run_torchdiffeq(case, k, "cuda" if a.backend == "cuda" else "cpu")
+            agree(ours[:k], td, "torchdiffeq")
+            rows.append(row(name, f"torchdiffeq dopri5 (batched, {'GPU' if a.backend == 'cuda' else 'CPU'})", k, w, c, days))
+        for r in rows[-5:]:
             print("  ", {kk: (round(v, 4) if isinstance(v, float) else v) for kk, v in r.items()}, flush=True)
     meta = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
             "numpy": np.__version__, "quick": a.quick}

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# One call on a GPU machine: check every CUDA kernel against the NumPy reference, then time the
+# ensemble cases (Lorenz, UVA/Padova, PK) on the GPU next to Diffrax (JAX) and torchdiffeq on the
+# same GPU. Results go to $OUT (default benchmarks/gpu/out): device.txt, parity.txt,
+# ensemble_gpu.json/.txt. Copy the table into benchmarks/RESULTS.md with the device name.
+#
+#   bash benchmarks/gpu/run_all.sh
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-benchmarks/gpu/out}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$OUT/device.txt"
+python3 -c "import cupy, numpy; print('cupy', cupy.__version__, 'numpy', numpy.__version__)" | tee -a "$OUT/device.txt"
+# every generated CUDA kernel vs the NumPy reference (tests skip nothing when a device is present)
+python3 -m pytest -q -p no:cacheprovider tests/test_kernel_parity.py tests/test_float32.py -k "cuda or float32" -rs \
+  2>&1 | tee "$OUT/parity.txt"
+# throughput: ours (cuda) vs Diffrax (JAX on the GPU) vs torchdiffeq (batched, GPU)
+python3 benchmarks/ensemble.py --backend cuda --torchdiffeq -o "$OUT/ensemble_gpu.json" 2>&1 | tee "$OUT/ensemble_gpu.txt"
