@@ -44,7 +44,9 @@ class JobSection(Strict):
 
 
 class SolverSection(Strict):
-    method: Literal["dopri5", "rk4"] = "dopri5"
+    # dopri5: adaptive explicit 5(4); rk4: fixed step; rodas4: adaptive stiff Rosenbrock 4(3) with the
+    # generated analytic Jacobian; rush_larsen: fixed step, exponential update of gating states
+    method: Literal["dopri5", "rk4", "rodas4", "rush_larsen"] = "dopri5"
     rtol: Annotated[float, Field(gt=0, lt=1)] = 1e-8
     atol: Annotated[float, Field(gt=0)] = 1e-10
     max_steps: Annotated[int, Field(ge=1)] = 1_000_000

@@ -66,7 +66,7 @@ def _numpy_kernel(model: Model) -> OdeKernel:
             return np.array([o[i] if k == 0 else y[i] for k, i in zip(kind, idx)])
 
         return integrate(gen.rhs, rec, gen.init(p), p, len(model.inputs), events, times, opts, status=status,
-                         check=check)
+                         check=check, jac=gen.jac, dfdt=gen.dfdt, rl_b=gen.rl_b)
 
     return OdeKernel(model, "numpy", run, gen.source)
 
@@ -166,7 +166,7 @@ def _ptr(a: np.ndarray, t):
 
 def _solver_args(model: Model, opts: SolverOptions, dtype=np.float64):
     atol = np.ascontiguousarray(np.broadcast_to(np.asarray(opts.atol, float), (len(model.states),)), dtype=dtype)
-    method = 0 if opts.method == "dopri5" else 1
+    method = {"dopri5": 0, "rk4": 1, "rodas4": 2, "rush_larsen": 3}[opts.method]
     first = float(opts.first_step) if opts.first_step else 0.0
     return atol, method, first
 

@@ -52,7 +52,7 @@ def _record(model):
     return model.output_names + model.state_names
 
 
-@pytest.mark.parametrize("method", ["dopri5", "rk4"])
+@pytest.mark.parametrize("method", ["dopri5", "rk4", "rodas4", "rush_larsen"])
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_cpu_matches_numpy(name, method):
     model = MODELS[name]

@@ -185,6 +185,58 @@ def test_unsupported_case_is_refused(case: str, reason: str):
     assert reason in msg, (reason, msg)
 
 
+# ----------------------------------------------------------------------- importer API checks
+def _sbml(body: str) -> str:
+    return ('<?xml version="1.0" encoding="UTF-8"?>\n'
+            '<sbml xmlns="http://www.sbml.org/sbml/level3/version2/core" level="3" version="2">'
+            f'<model id="m">{body}</model></sbml>')
+
+
+_MATH = 'xmlns="http://www.w3.org/1998/Math/MathML"'
+_DECAY = (
+    '<listOfCompartments><compartment id="V" spatialDimensions="3" size="2" constant="true"/></listOfCompartments>'
+    '<listOfSpecies><species id="lambda" compartment="V" initialAmount="4" hasOnlySubstanceUnits="false"'
+    ' boundaryCondition="false" constant="false"/></listOfSpecies>'
+    '<listOfParameters><parameter id="k" value="0.5" constant="true"/></listOfParameters>'
+    '<listOfReactions><reaction id="R" reversible="false"><listOfReactants>'
+    '<speciesReference species="lambda" stoichiometry="1" constant="true"/></listOfReactants>'
+    f'<kineticLaw><math {_MATH}><apply><times/><ci>k</ci><ci>lambda</ci><ci>V</ci></apply></math>'
+    '</kineticLaw></reaction></listOfReactions>'
+)
+
+
+def test_import_from_string_renames_reserved_ids():
+    from kernels.ode.sbml import import_sbml_mapped
+
+    imp = import_sbml_mapped(_sbml(_DECAY))
+    m = imp.model
+    # 'lambda' (a Python keyword) and 'k' (reserved by the code generators) are renamed
+    assert imp.names["lambda"] != "lambda" and imp.names["k"] != "k"
+    assert imp.names["lambda"] in m.state_names
+    assert {imp.output_for("lambda", "amount"), imp.output_for("lambda", "concentration")} <= set(m.output_names)
+    times = np.array([0.0, 1.0, 2.0])
+    vals = simulate(imp, ["lambda"], ["lambda"], [], times)[:, 0]
+    np.testing.assert_allclose(vals, 4 * np.exp(-0.5 * times), rtol=1e-8)
+
+
+def test_import_refuses_events_by_name():
+    from kernels.ode.sbml import import_sbml
+
+    event = (f'<listOfEvents><event useValuesFromTriggerTime="true"><trigger initialValue="true" persistent="true">'
+             f'<math {_MATH}><apply><gt/><csymbol encoding="text" '
+             f'definitionURL="http://www.sbml.org/sbml/symbols/time">t</csymbol><cn>1</cn></apply></math></trigger>'
+             '</event></listOfEvents>')
+    with pytest.raises(ValueError, match="unsupported SBML feature: events"):
+        import_sbml(_sbml(_DECAY + event))
+
+
+def test_import_rejects_invalid_sbml():
+    from kernels.ode.sbml import import_sbml
+
+    with pytest.raises(ValueError, match="invalid SBML"):
+        import_sbml("<sbml><model></sbml>")
+
+
 # ------------------------------------------------------------------------ refreshing the data
 RANGES = ((1, 200), (901, 1822))  # core cases, then the cases exercising SBML Level 3 features
 MAX_REFUSED_XML = 20_000  # bytes; larger SBML files of refused cases are listed but not shipped

@@ -66,6 +66,25 @@ def model_source(model: Model) -> str:
     init_unpack = [f"    const real {n} = p[{i}];" for i, n in enumerate(pa)] + [f"    (void){n};" for n in pa]
     inits = [f"    y[{i}] = {c_expr(s.init) if isinstance(s.init, str) else _num(s.init)};" for i, s in enumerate(model.states)]
     n_in = max(len(inp), 1)
+    from .symbolic import gating, jacobian, time_derivative
+
+    extras, entries = jacobian(model)
+    t_extras, t_entries = time_derivative(model)
+    gates = gating(model)
+    n = len(st)
+    jac = ["DEVICE void model_jac(real t, const real* y, const real* p, const real* u, real* o) {",
+           *unpack, *inter, *silence,
+           *[f"    const real {k} = {c_expr(e)};" for k, e in extras],
+           f"    for (int q = 0; q < {n * n}; ++q) o[q] = 0;",
+           *[f"    o[{i * n + j}] = {c_expr(e)};" for (i, j), e in sorted(entries.items())], "}"]
+    dfdt = ["DEVICE void model_dfdt(real t, const real* y, const real* p, const real* u, real* o) {",
+            *unpack, *inter, *silence,
+            *[f"    const real {k} = {c_expr(e)};" for k, e in t_extras],
+            f"    for (int q = 0; q < {n}; ++q) o[q] = 0;",
+            *[f"    o[{i}] = {c_expr(e)};" for i, e in sorted(t_entries.items())], "}"]
+    rlb = ["DEVICE void model_rl_b(real t, const real* y, const real* p, const real* u, real* o) {",
+           *unpack, *inter, *silence, f"    for (int q = 0; q < {n}; ++q) o[q] = 0;",
+           *[f"    o[{st.index(x)}] = {c_expr(b)};" for x, (_, b) in gates.items()], "}"]
     return "\n".join([
         f"/* generated from model '{model.name}' */",
         f"#define NS {len(st)}",
@@ -79,6 +98,7 @@ def model_source(model: Model) -> str:
         *unpack, *inter, *silence, *outs, "}",
         "DEVICE void model_init(const real* p, real* y) {",
         *init_unpack, *inits, "}",
+        *jac, *dfdt, *rlb,
         "",
     ])
 
@@ -115,6 +135,7 @@ typedef TWIN_REAL real;
 #define r_tanh tanhf
 #define r_sin sinf
 #define r_cos cosf
+#define r_expm1 expm1f
 #else
 #define r_exp exp
 #define r_log log
@@ -126,12 +147,15 @@ typedef TWIN_REAL real;
 #define r_tanh tanh
 #define r_sin sin
 #define r_cos cos
+#define r_expm1 expm1
 #endif
 #if TWIN_FLOAT32
 #define TWIN_TINY 1e-30f    /* smallest safe divisor */
+#define TWIN_EPS 1.1920929e-07f
 #define TWIN_HMIN 1e-6f     /* step-size floor relative to |t| (≈ 8 ulp of float) */
 #else
 #define TWIN_TINY 1e-300
+#define TWIN_EPS 2.220446049250313e-16
 #define TWIN_HMIN 1e-14
 #endif
 #define TWIN_PI 3.141592653589793

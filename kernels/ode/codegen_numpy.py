@@ -41,6 +41,9 @@ class NumpyKernel:
     outputs: Callable  # outputs(t, y, p, u) -> list of arrays, one per model output
     init: Callable  # init(p) -> y0
     source: str
+    jac: Callable | None = None  # jac(t, y, p, u) -> J [NS, NS, m], analytic (kernels/ode/symbolic.py)
+    dfdt: Callable | None = None  # dfdt(t, y, p, u) -> explicit df/dt [NS, m]
+    rl_b: Callable | None = None  # rl_b(t, y, p, u) -> df_i/dy_i of gating states, 0 elsewhere [NS, m]
 
 
 def generate(model: Model) -> NumpyKernel:
@@ -63,6 +66,30 @@ def generate(model: Model) -> NumpyKernel:
          "def outputs(t, y, p, u):", *head, *inter, f"    return [{outs}]", "",
          "def init(p):", *init_lines, f"    return np.array([{', '.join(init_vals)}], dtype=float)", ""]
     )
+    src += "\n" + _derivative_source(model, head, inter)
     ns: dict = {"np": np}
     exec(compile(src, f"<twin-model {model.name}>", "exec"), ns)  # source built from a checked declaration
-    return NumpyKernel(model, ns["rhs"], ns["outputs"], ns["init"], src)
+    return NumpyKernel(model, ns["rhs"], ns["outputs"], ns["init"], src, ns["jac"], ns["dfdt"], ns["rl_b"])
+
+
+def _derivative_source(model: Model, head: list[str], inter: list[str]) -> str:
+    """jac, dfdt and rl_b: analytic derivatives for Rosenbrock and Rush–Larsen steps."""
+    from .symbolic import gating, jacobian, time_derivative
+
+    extras, entries = jacobian(model)
+    t_extras, t_entries = time_derivative(model)
+    gates = gating(model)
+    n = len(model.states)
+    lines = ["def jac(t, y, p, u):", *head, *inter]
+    lines += ["    " + f"{k} = {to_numpy_expr(e)}" for k, e in extras]
+    # results go in `dy`, a name models may not use (model.RESERVED)
+    lines += ["    dy = np.zeros((%d, %d) + y.shape[1:])" % (n, n)]
+    lines += ["    " + f"dy[{i}, {j}] = {to_numpy_expr(e)}" for (i, j), e in sorted(entries.items())]
+    lines += ["    return dy", "", "def dfdt(t, y, p, u):", *head, *inter]
+    lines += ["    " + f"{k} = {to_numpy_expr(e)}" for k, e in t_extras]
+    lines += ["    dy = np.zeros_like(y)"]
+    lines += ["    " + f"dy[{i}] = {to_numpy_expr(e)}" for i, e in sorted(t_entries.items())]
+    lines += ["    return dy", "", "def rl_b(t, y, p, u):", *head, *inter, "    dy = np.zeros_like(y)"]
+    lines += ["    " + f"dy[{model.state_names.index(x)}] = {to_numpy_expr(b)}" for x, (_, b) in gates.items()]
+    lines += ["    return dy", ""]
+    return "\n".join(lines)

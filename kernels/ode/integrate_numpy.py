@@ -8,7 +8,11 @@ event or sample time, the event is applied, and integration restarts from there.
 both a dose and a sample, the dose is applied first (outputs are post-dose).
 
 Integrators: adaptive Dormand–Prince 5(4) (FSAL, Hairer's error norm and step control, per-patient
-rtol/atol) and fixed-step classic RK4 (steps clipped to land on events/samples).
+rtol/atol); fixed-step classic RK4 (steps clipped to land on events/samples); adaptive Rodas4
+(Hairer & Wanner's stiffly accurate 6-stage Rosenbrock method of order 4(3), with the analytic
+Jacobian and df/dt generated from the declaration and a per-patient LU with partial pivoting);
+and fixed-step Rush–Larsen (gating states, whose derivative is affine in themselves, advance by
+the exact exponential of their frozen linearisation; the rest by forward Euler).
 """
 
 from __future__ import annotations
@@ -33,6 +37,23 @@ _A = [
 ]
 # error estimate: difference of the 5th- and 4th-order weights
 _E = np.array([71 / 57600, 0, -71 / 16695, 71 / 1920, -17253 / 339200, 22 / 525, -1 / 40])
+
+# Rodas4 (Hairer & Wanner 1996, as in their rodas.f), G·K form:  G = I/(h·γ) − J,
+# G·K_i = f(t + α_i h, y + Σ A_ij K_j) + Σ (C_ij / h) K_j + h γ_i ∂f/∂t;  y1 = y + Σ M_i K_i;  err = K_6
+RODAS_GAMMA = 0.25
+RODAS_ALPHA = np.array([0.0, 0.386, 0.210, 0.630, 1.0, 1.0])
+RODAS_GAMMAI = np.array([0.25, -0.1043, 0.1035, -0.3620000000000023e-01, 0.0, 0.0])
+_RA = [0.1544000000000000e+01, 0.9466785280815826e+00, 0.2557011698983284e+00, 0.3314825187068521e+01,
+       0.2896124015972201e+01, 0.9986419139977817e+00, 0.1221224509226641e+01, 0.6019134481288629e+01,
+       0.1253708332932087e+02, -0.6878860361058950e+00]
+_RC = [-0.5668800000000000e+01, -0.2430093356833875e+01, -0.2063599157091915e+00, -0.1073529058151375e+00,
+       -0.9594562251023355e+01, -0.2047028614809616e+02, 0.7496443313967647e+01, -0.1024680431464352e+02,
+       -0.3399990352819905e+02, 0.1170890893206160e+02, 0.8083246795921522e+01, -0.7981132988064893e+01,
+       -0.3152159432874371e+02, 0.1631930543123136e+02, -0.6058818238834054e+01]
+_RA += [_RA[6], _RA[7], _RA[8], _RA[9], 1.0]
+RODAS_A = [[_RA[(i - 1) * i // 2 + j] for j in range(i)] for i in range(6)]  # row i, j < i
+RODAS_C = [[_RC[(i - 1) * i // 2 + j] for j in range(i)] for i in range(6)]
+RODAS_M = np.array([_RA[6], _RA[7], _RA[8], _RA[9], 1.0, 1.0])
 
 EVENT_STATE = 0  # add value to a state (bolus)
 EVENT_INPUT = 1  # add value to an input (infusion rate on/off)
@@ -79,6 +100,9 @@ def integrate(
     opts: SolverOptions,
     status: np.ndarray | None = None,
     check: Callable[[], None] | None = None,
+    jac: Callable | None = None,
+    dfdt: Callable | None = None,
+    rl_b: Callable | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Integrate every patient from t=0 through all sample `times`.
 
@@ -94,7 +118,14 @@ def integrate(
     t = np.zeros(m)
     atol = np.broadcast_to(np.asarray(opts.atol, float).reshape(-1, 1) if np.ndim(opts.atol) else opts.atol, (n_s, 1))
     rtol = opts.rtol
-    adaptive = opts.method == "dopri5"
+    if opts.method not in ("dopri5", "rk4", "rodas4", "rush_larsen"):
+        raise ValueError(f"unknown method {opts.method!r}")
+    adaptive = opts.method in ("dopri5", "rodas4")
+    rodas = opts.method == "rodas4"
+    if rodas and (jac is None or dfdt is None):
+        raise ValueError("rodas4 needs the model's Jacobian and df/dt")
+    if opts.method == "rush_larsen" and rl_b is None:
+        raise ValueError("rush_larsen needs the model's gating coefficients")
 
     # one padding row so a pointer one past the last event reads +inf
     n_ev = events.time.shape[0]
@@ -195,7 +226,24 @@ def integrate(
             fail(idx[bad], "nonfinite")
             continue
 
-        if adaptive:
+        if rodas:
+            y_new, err_vec = _rodas_step(rhs, jac, dfdt, ti, yi, pi, ui, hs, ks[0])
+            sc = atol + rtol * np.maximum(np.abs(yi), np.abs(y_new))
+            err = _rms(err_vec / sc)
+            err = np.where(np.isfinite(err) & np.all(np.isfinite(y_new), axis=0), err, np.inf)
+            ok = err <= 1.0
+            fac = np.where(err == 0, 6.0, np.clip(0.9 * np.maximum(err, 1e-300) ** -0.25, 0.2, 6.0))
+            fac = np.where(ok, fac, np.minimum(fac, 1.0))
+            h_next = hs * fac
+            h_next = np.where(ok & hit, np.maximum(h_next, hi), h_next)
+        elif opts.method == "rush_larsen":
+            z = rl_b(ti, yi, pi, ui) * hs
+            with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+                phi = np.where(np.abs(z) < 1e-8, 1.0 + 0.5 * z, np.expm1(z) / z)
+            y_new = yi + hs * (ks[0] * phi)
+            ok = np.all(np.isfinite(y_new), axis=0)
+            h_next = hi
+        elif adaptive:
             for s in range(1, 7):
                 acc = yi.copy()
                 for j, a in enumerate(_A[s]):
@@ -224,7 +272,7 @@ def integrate(
         a = idx[ok]
         t[a] = np.where(hit[ok], stop[ok], ti[ok] + hs[ok])
         y[:, a] = y_new[:, ok]
-        if adaptive:
+        if adaptive and not rodas:
             k1[:, a] = ks[6][:, ok]
             k1_ok[a] = True
         else:
@@ -256,3 +304,87 @@ def integrate(
     failed = status != 0
     out[:, failed, :] = np.nan
     return out, status
+
+
+def _lu(G: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """In-place batched LU with partial pivoting of G [n, n, m]; returns (LU, row permutation [n, m]).
+
+    Written element by element in the same order as the C kernel so both round alike."""
+    n, _, m = G.shape
+    perm = np.tile(np.arange(n)[:, None], (1, m))
+    cols = np.arange(m)
+    for k in range(n):
+        piv = k + np.argmax(np.abs(G[k:, k]), axis=0)  # first maximum, as the C loop with '>'
+        sw = piv != k
+        if sw.any():
+            c = cols[sw]
+            rk, rp = G[k, :, c].copy(), G[piv[sw], :, c].copy()
+            G[k, :, c], G[piv[sw], :, c] = rp, rk
+            pk = perm[k, c].copy()
+            perm[k, c] = perm[piv[sw], c]
+            perm[piv[sw], c] = pk
+        for i in range(k + 1, n):
+            G[i, k] = G[i, k] / G[k, k]
+            for j in range(k + 1, n):
+                G[i, j] = G[i, j] - G[i, k] * G[k, j]
+    return G, perm
+
+
+def _lu_solve(LU: np.ndarray, perm: np.ndarray, b: np.ndarray) -> np.ndarray:
+    n, m = b.shape
+    x = np.take_along_axis(b, perm, axis=0)
+    for i in range(n):
+        for j in range(i):
+            x[i] = x[i] - LU[i, j] * x[j]
+    for i in range(n - 1, -1, -1):
+        for j in range(i + 1, n):
+            x[i] = x[i] - LU[i, j] * x[j]
+        x[i] = x[i] / LU[i, i]
+    return x
+
+
+def _fd_fix(rhs, J, t, y, p, u, f0):
+    """Columns with non-finite analytic entries (e.g. d/dC C**g at C = 0 with g < 1) are replaced
+    by forward differences; anything still non-finite becomes 0 (a W-method step, error-controlled)."""
+    n = y.shape[0]
+    for j in range(n):
+        bad = ~np.all(np.isfinite(J[:, j]), axis=0)
+        if bad.any():
+            d = np.sqrt(np.finfo(float).eps) * np.maximum(np.abs(y[j, bad]), 1e-8)
+            yp = y[:, bad].copy()
+            yp[j] = yp[j] + d
+            col = (rhs(t[bad], yp, p[:, bad], u[:, bad]) - f0[:, bad]) / d
+            J[:, j, bad] = np.where(np.isfinite(col), col, 0.0)
+    return J
+
+
+def _rodas_step(rhs, jac, dfdt, t, y, p, u, h, f0):
+    n, m = y.shape
+    with np.errstate(all="ignore"):  # non-finite entries are expected and repaired below
+        J = np.asarray(jac(t, y, p, u), float).reshape(n, n, m)
+    J = _fd_fix(rhs, J.copy(), t, y, p, u, f0)
+    Ft = np.asarray(dfdt(t, y, p, u), float).reshape(n, m)
+    Ft = np.where(np.isfinite(Ft), Ft, 0.0)
+    G = -J
+    inv = 1.0 / (h * RODAS_GAMMA)
+    for i in range(n):
+        G[i, i] = G[i, i] + inv
+    LU, perm = _lu(G)
+    K = []
+    for i in range(6):
+        if i == 0:
+            F = f0
+        else:
+            Yi = y.copy()
+            for j in range(i):
+                Yi = Yi + RODAS_A[i][j] * K[j]
+            F = rhs(t + RODAS_ALPHA[i] * h, Yi, p, u)
+        b = F.copy()
+        for j in range(i):
+            b = b + (RODAS_C[i][j] / h) * K[j]
+        b = b + (h * RODAS_GAMMAI[i]) * Ft
+        K.append(_lu_solve(LU, perm, b))
+    y_new = y.copy()
+    for i in range(6):
+        y_new = y_new + RODAS_M[i] * K[i]
+    return y_new, K[5]

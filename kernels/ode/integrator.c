@@ -18,6 +18,108 @@
 DEVICE real rmax(real a, real b) { return a > b ? a : b; }
 DEVICE real rmin(real a, real b) { return a < b ? a : b; }
 
+/* LU with partial pivoting, element order identical to integrate_numpy._lu */
+DEVICE void lu_factor(real* G, int* perm) {
+    int i, j, k;
+    for (i = 0; i < NS; ++i) perm[i] = i;
+    for (k = 0; k < NS; ++k) {
+        int piv = k;
+        real best = r_fabs(G[k * NS + k]);
+        for (i = k + 1; i < NS; ++i)
+            if (r_fabs(G[i * NS + k]) > best) { best = r_fabs(G[i * NS + k]); piv = i; }
+        if (piv != k) {
+            for (j = 0; j < NS; ++j) { real tmp = G[k * NS + j]; G[k * NS + j] = G[piv * NS + j]; G[piv * NS + j] = tmp; }
+            int tp = perm[k]; perm[k] = perm[piv]; perm[piv] = tp;
+        }
+        for (i = k + 1; i < NS; ++i) {
+            G[i * NS + k] = G[i * NS + k] / G[k * NS + k];
+            for (j = k + 1; j < NS; ++j) G[i * NS + j] = G[i * NS + j] - G[i * NS + k] * G[k * NS + j];
+        }
+    }
+}
+
+DEVICE void lu_solve(const real* LU, const int* perm, const real* b, real* x) {
+    int i, j;
+    for (i = 0; i < NS; ++i) x[i] = b[perm[i]];
+    for (i = 0; i < NS; ++i)
+        for (j = 0; j < i; ++j) x[i] = x[i] - LU[i * NS + j] * x[j];
+    for (i = NS - 1; i >= 0; --i) {
+        for (j = i + 1; j < NS; ++j) x[i] = x[i] - LU[i * NS + j] * x[j];
+        x[i] = x[i] / LU[i * NS + i];
+    }
+}
+
+/* One Rodas4 step (Hairer & Wanner; G·K form, see integrate_numpy.py). f0 = f(t, y). */
+DEVICE void rodas_step(real t, const real* y, const real* p, const real* u, real h, const real* f0, real* ynew,
+                       real* errv) {
+    const real GAM = 0.25;
+    const real ALPHA[6] = {0.0, 0.386, 0.210, 0.630, 1.0, 1.0};
+    const real GI[6] = {0.25, -0.1043, 0.1035, -0.3620000000000023e-01, 0.0, 0.0};
+    const real RA[15] = {0.1544000000000000e+01, 0.9466785280815826e+00, 0.2557011698983284e+00,
+                         0.3314825187068521e+01, 0.2896124015972201e+01, 0.9986419139977817e+00,
+                         0.1221224509226641e+01, 0.6019134481288629e+01, 0.1253708332932087e+02,
+                         -0.6878860361058950e+00, 0.1221224509226641e+01, 0.6019134481288629e+01,
+                         0.1253708332932087e+02, -0.6878860361058950e+00, 1.0};
+    const real RC[15] = {-0.5668800000000000e+01, -0.2430093356833875e+01, -0.2063599157091915e+00,
+                         -0.1073529058151375e+00, -0.9594562251023355e+01, -0.2047028614809616e+02,
+                         0.7496443313967647e+01, -0.1024680431464352e+02, -0.3399990352819905e+02,
+                         0.1170890893206160e+02, 0.8083246795921522e+01, -0.7981132988064893e+01,
+                         -0.3152159432874371e+02, 0.1631930543123136e+02, -0.6058818238834054e+01};
+    const real M[6] = {0.1221224509226641e+01, 0.6019134481288629e+01, 0.1253708332932087e+02,
+                       -0.6878860361058950e+00, 1.0, 1.0};
+    real G[NS * NS], Ft[NS], K[6][NS], Yi[NS], F[NS], b[NS], fp[NS];
+    int perm[NS], i, j, q;
+    model_jac(t, y, p, u, G);
+    /* non-finite analytic columns -> forward differences; still non-finite -> 0 */
+    for (j = 0; j < NS; ++j) {
+        int bad = 0;
+        for (i = 0; i < NS; ++i)
+            if (!isfinite_r(G[i * NS + j])) bad = 1;
+        if (bad) {
+            real d = r_sqrt((real)TWIN_EPS) * rmax(r_fabs(y[j]), (real)1e-8);
+            for (i = 0; i < NS; ++i) Yi[i] = y[i];
+            Yi[j] = Yi[j] + d;
+            model_rhs(t, Yi, p, u, fp);
+            for (i = 0; i < NS; ++i) {
+                real c = (fp[i] - f0[i]) / d;
+                G[i * NS + j] = isfinite_r(c) ? c : 0;
+            }
+        }
+    }
+    model_dfdt(t, y, p, u, Ft);
+    for (i = 0; i < NS; ++i)
+        if (!isfinite_r(Ft[i])) Ft[i] = 0;
+    for (q = 0; q < NS * NS; ++q) G[q] = -G[q];
+    real inv = 1.0 / (h * GAM);
+    for (i = 0; i < NS; ++i) G[i * NS + i] = G[i * NS + i] + inv;
+    lu_factor(G, perm);
+    for (int s = 0; s < 6; ++s) {
+        const int off = (s - 1) * s / 2;
+        if (s == 0) {
+            for (i = 0; i < NS; ++i) F[i] = f0[i];
+        } else {
+            for (i = 0; i < NS; ++i) {
+                real acc = y[i];
+                for (j = 0; j < s; ++j) acc = acc + RA[off + j] * K[j][i];
+                Yi[i] = acc;
+            }
+            model_rhs(t + ALPHA[s] * h, Yi, p, u, F);
+        }
+        for (i = 0; i < NS; ++i) {
+            real acc = F[i];
+            for (j = 0; j < s; ++j) acc = acc + (RC[off + j] / h) * K[j][i];
+            b[i] = acc + (h * GI[s]) * Ft[i];
+        }
+        lu_solve(G, perm, b, K[s]);
+    }
+    for (i = 0; i < NS; ++i) {
+        real acc = y[i];
+        for (j = 0; j < 6; ++j) acc = acc + M[j] * K[j][i];
+        ynew[i] = acc;
+        errv[i] = K[5][i];
+    }
+}
+
 DEVICE void twin_patient(int pat, int m, const real* P, int n_ev, const real* ev_t, const signed char* ev_kind,
                          const short* ev_tgt, const real* ev_val, int T, const real* times, int method,
                          real rtol, const real* atol, long long max_steps, real dt, real first_step, int n_rec,
@@ -34,7 +136,9 @@ DEVICE void twin_patient(int pat, int m, const real* P, int n_ev, const real* ev
         {35.0 / 384, 0, 500.0 / 1113, 125.0 / 192, -2187.0 / 6784, 11.0 / 84}};
     const real E[7] = {71.0 / 57600, 0, -71.0 / 16695, 71.0 / 1920, -17253.0 / 339200, 22.0 / 525, -1.0 / 40};
     real p[NP_ARR], y[NS], u[NIN], k[7][NS], yn[NS], o[NOUT];
-    const int adaptive = (method == 0);
+    /* method: 0 dopri5, 1 rk4, 2 rodas4, 3 rush_larsen */
+    const int adaptive = (method == 0 || method == 2);
+    const int rodas = (method == 2);
     int i, j, r;
 
     for (r = 0; r < n_rec; ++r)
@@ -108,7 +212,34 @@ DEVICE void twin_patient(int pat, int m, const real* P, int n_ev, const real* ev
         }
         for (i = 0; i < NS; ++i)
             if (!isfinite_r(k[0][i])) { code = 1; goto fail; }
-        if (adaptive) {
+        if (rodas) {
+            real errv[NS], err = 0;
+            rodas_step(t, y, p, u, hs, k[0], yn, errv);
+            int fin = 1;
+            for (i = 0; i < NS; ++i) {
+                real sc = atol[i] + rtol * rmax(r_fabs(y[i]), r_fabs(yn[i]));
+                err += (errv[i] / sc) * (errv[i] / sc);
+                if (!isfinite_r(yn[i])) fin = 0;
+            }
+            err = r_sqrt(err / NS);
+            if (!isfinite_r(err) || !fin) err = TWIN_INF;
+            ok = err <= 1.0;
+            real fac = err == 0 ? 6.0 : rmin(rmax(0.9 * r_pow(rmax(err, TWIN_TINY), -0.25), 0.2), 6.0);
+            if (!ok) fac = rmin(fac, 1.0);
+            h_next = hs * fac;
+            if (ok && hit) h_next = rmax(h_next, hi);
+        } else if (method == 3) {
+            real bb[NS];
+            model_rl_b(t, y, p, u, bb);
+            ok = 1;
+            for (i = 0; i < NS; ++i) {
+                real z = bb[i] * hs;
+                real phi = r_fabs(z) < 1e-8 ? 1.0 + 0.5 * z : r_expm1(z) / z;
+                yn[i] = y[i] + hs * (k[0][i] * phi);
+                if (!isfinite_r(yn[i])) ok = 0;
+            }
+            h_next = hi;
+        } else if (adaptive) {
 /* stages written out (same operation order as the NumPy reference, zero weights skipped) so the
  * compiler sees straight-line code with literal coefficients */
 #define STAGE(st, ACC)                                   \
@@ -166,7 +297,7 @@ DEVICE void twin_patient(int pat, int m, const real* P, int n_ev, const real* ev
         if (ok) {
             t = hit ? stop : t + hs;
             for (i = 0; i < NS; ++i) y[i] = yn[i];
-            if (adaptive) {
+            if (adaptive && !rodas) {
                 for (i = 0; i < NS; ++i) k[0][i] = k[6][i];
                 k1ok = 1;
             } else {
