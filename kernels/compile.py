@@ -240,7 +240,12 @@ _CACHE: dict[tuple, OdeKernel] = {}
 
 
 def ode_kernel(model: Model, backend: str, precision: str = "float64") -> OdeKernel:
-    """precision float32 exists for the compiled backends (the NumPy reference is float64 only)."""
+    """precision float32 exists for the compiled backends (the NumPy reference is float64 only).
+
+    A model without states is pure algebra with nothing to integrate: every backend evaluates it
+    with the NumPy code."""
+    if not model.states:
+        backend, precision = "numpy", "float64"
     key = (model.name, backend, precision, id(model))
     if key not in _CACHE:
         if backend not in _BUILDERS:

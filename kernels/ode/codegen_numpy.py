@@ -64,7 +64,9 @@ def generate(model: Model) -> NumpyKernel:
     src = "\n".join(
         [f"# generated from model {model.name!r}", "def rhs(t, y, p, u):", *head, *inter, *body, "    return dy", "",
          "def outputs(t, y, p, u):", *head, *inter, f"    return [{outs}]", "",
-         "def init(p):", *init_lines, f"    return np.array([{', '.join(init_vals)}], dtype=float)", ""]
+         "def init(p):", *init_lines,
+         (f"    return np.array([{', '.join(init_vals)}], dtype=float)" if init_vals
+          else "    return np.zeros((0,) + p.shape[1:])"), ""]
     )
     src += "\n" + _derivative_source(model, head, inter)
     ns: dict = {"np": np}

@@ -177,6 +177,13 @@ def integrate(
         running[idx] = False
 
     boundary(np.nonzero(running)[0])
+    if n_s == 0:  # a model of pure algebra (e.g. SBML with assignment rules only): no time stepping
+        while True:
+            idx = np.nonzero(running)[0]
+            if not idx.size:
+                break
+            t[idx] = np.minimum(ev_t[ev_ptr[idx], idx], times_pad[s_ptr[idx]])
+            boundary(idx)
 
     # initial step (Hairer, Nørsett & Wanner, II.4) after the t=0 events
     idx = np.nonzero(running)[0]

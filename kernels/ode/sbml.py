@@ -7,14 +7,17 @@ same declaration the model library uses, so every backend runs it unchanged:
   be positive: SBML does not say);
 * local kinetic-law parameters become global parameters renamed ``<reaction>_<id>``;
 * species become states holding the value their symbol has in SBML math: a concentration
-  (amount / compartment size) unless hasOnlySubstanceUnits is set or the compartment has zero
-  spatial dimensions, in which case an amount. Reactions contribute
+  (amount / compartment size) unless hasOnlySubstanceUnits is set or the compartment is
+  zero-dimensional (before L3, or without a size), in which case an amount. Reactions contribute
   ``conversionFactor * sum(stoichiometry * rate)`` to the amount, divided by the compartment
-  size for concentration states; boundary and constant species are not changed by reactions;
+  size for concentration states; boundary and constant species are not changed by reactions.
+  In a compartment whose size a rule changes, such a species' state is its amount
+  (``<id>_amt``) and its symbol the intermediate amount / size;
 * reaction rates (kinetic laws, named after the reaction id) and assignment-rule targets become
   ordered intermediate expressions (topologically sorted; a cycle is refused);
-* rate-rule targets become states; species-reference ids, stoichiometryMath and conversion
-  factors are supported;
+* rate-rule targets become states; species-reference ids (L3), stoichiometryMath and conversion
+  factors are supported; ``rateOf(x)`` becomes an intermediate equal to x's derivative (0 for
+  constants); rules or initial assignments without math are ignored (L3V2);
 * initial values: initial assignments, assignment rules and initial amounts/concentrations are
   combined into per-state `init` expressions written in parameters only (initial values of other
   symbols are substituted in), so changing a parameter changes every initial value derived from
@@ -22,16 +25,22 @@ same declaration the model library uses, so every backend runs it unchanged:
 * function definitions are inlined; MathML is translated node by node from libsbml's AST into
   the checked expression language (`formulaToL3String` is used for messages only). Piecewise
   becomes nested ``ifelse``; conditions built from and/or/not/xor, ==, != and chained relations
-  are rewritten into nested single comparisons. Functions outside the language (tan, sinh, sec,
-  log base b, root n, ...) are rewritten from exp/log/sin/cos when exact.
+  are rewritten into nested single comparisons; booleans read as numbers are 1/0 and numbers read
+  as booleans are "!= 0" (L3V2). Functions outside the language (tan, sinh, sec, log base b,
+  root n, min/max of n arguments, ...) are rewritten from exp/log/sin/cos/tanh when exact.
 
 Outputs: ``<species>_amount`` and ``<species>_conc`` for every species (only ``_amount`` in
 zero-dimensional compartments), and every other symbol (parameter, compartment, reaction rate,
 species reference) by its own name.
 
-Anything outside this subset raises `ValueError` naming the feature (events, algebraic rules,
-delays, fast reactions, rateOf of assigned variables, undefined values, SBML packages, functions
-with no exact rewrite), so callers can skip a model honestly.
+Anything outside this subset raises `ValueError("unsupported SBML feature: <feature> (detail)")`
+(events, algebraic rules, delays, fast reactions, required SBML packages such as comp, rateOf of
+assigned variables, undefined values, infinities, MathML functions with no exact rewrite such as
+arccos, floor, factorial, rem), so callers can skip a model honestly. Invalid SBML raises
+`ValueError("invalid SBML: ...")`.
+
+`import_sbml_mapped` also returns the map from SBML ids to model names and outputs
+(`SbmlImport.output_for(id, "amount" | "concentration")`).
 """
 
 from __future__ import annotations
@@ -251,9 +260,13 @@ class _MathTranslator:
                 return parts[0]
             return parts[0] if len(parts) == 1 else _Cond("and", tuple(parts))
         if t == L.AST_LOGICAL_AND:
-            return _Cond("and", tuple(self._cond(c, scope, env, depth + 1) for c in ch)) if n else _Cond("const", (True,))
+            if not n:
+                return _Cond("const", (True,))
+            return _Cond("and", tuple(self._cond(c, scope, env, depth + 1) for c in ch))
         if t == L.AST_LOGICAL_OR:
-            return _Cond("or", tuple(self._cond(c, scope, env, depth + 1) for c in ch)) if n else _Cond("const", (False,))
+            if not n:
+                return _Cond("const", (False,))
+            return _Cond("or", tuple(self._cond(c, scope, env, depth + 1) for c in ch))
         if t == L.AST_LOGICAL_NOT and n == 1:
             return _Cond("not", (self._cond(ch[0], scope, env, depth + 1),))
         if t == L.AST_LOGICAL_XOR:
@@ -479,7 +492,8 @@ def import_sbml_mapped(source: str | os.PathLike, *, name: str | None = None) ->
     def amount_only(cid: str) -> bool:
         """Species symbols in this compartment are amounts: 0-D compartments before L3, or without size."""
         c = comps[cid]
-        return dims(cid) == 0 and (m.getLevel() < 3 or not (c.isSetSize() or cid in initial or cid in assign or cid in rate))
+        has_size = c.isSetSize() or cid in initial or cid in assign or cid in rate
+        return dims(cid) == 0 and (m.getLevel() < 3 or not has_size)
 
     def is_conc(sid: str) -> bool:
         s = species[sid]
@@ -746,7 +760,7 @@ def import_sbml_mapped(source: str | os.PathLike, *, name: str | None = None) ->
     while left:
         ready = [nm for nm in left if deps[nm] <= set(done)]
         if not ready:
-            raise _unsupported("algebraic loop", f"assignment rules/rates depend on each other cyclically: {sorted(left)}")
+            raise _unsupported("algebraic loop", f"assignment rules/rates depend on each other: {sorted(left)}")
         for nm in ready:
             done.append(nm)
             left.remove(nm)
