@@ -60,13 +60,14 @@ def _cmd_run(args) -> int:
 
 def _cmd_validate(args) -> int:
     from .config import load_job
-    from .models import get_model
 
     from .runner import make_plan
 
     loaded = load_job(args.job)
     j = loaded.job
-    model = get_model(j.model.name)
+    from .models import job_model
+
+    model = job_model(loaded)
     make_plan(loaded)  # what run would refuse, validate refuses: backend, cohort build (CSV, key), names
     n = j.cohort.size if j.cohort.size is not None else f"CSV {j.cohort.csv.path}"
     n_chunks = f"{-(-j.cohort.size // j.job.chunk_size)} chunks of {j.job.chunk_size}" if j.cohort.size else f"chunks of {j.job.chunk_size}"

@@ -64,7 +64,8 @@ class SolverSection(Strict):
 
 
 class ModelSection(Strict):
-    name: Name
+    name: Name  # a library model, or the name given to a model read from `file`
+    file: str | None = None  # a model declared in TOML (.toml) or SBML (.xml/.sbml), relative to the job
     parameters: dict[str, float] = Field(default_factory=dict)
 
     @field_validator("parameters")

@@ -29,7 +29,7 @@ from .config import LoadedJob
 from .dosing import build_events
 from .errors import EXIT_INTERRUPTED, EXIT_OK, Interrupted, StoreError, TwinError
 from .layout import STATUS_CODES, Layout, VarSpec, status_attrs
-from .models import get_model
+from .models import job_model
 from .parallel import ChunkQueue, abort, lor
 
 log = logging.getLogger("twin")
@@ -76,7 +76,7 @@ class Plan:
 
 def build_layout(loaded: LoadedJob, cohort: CohortSource) -> Layout:
     job = loaded.job
-    model = get_model(job.model.name)
+    model = job_model(loaded)
     times = job.outputs.time_values()
     tu = model.time_unit
     v: list[VarSpec] = []
@@ -115,9 +115,9 @@ def build_layout(loaded: LoadedJob, cohort: CohortSource) -> Layout:
 
 def make_plan(loaded: LoadedJob, local_rank: int = 0) -> Plan:
     job = loaded.job
-    model = get_model(job.model.name)
+    model = job_model(loaded)
     typical = {**model.defaults(), **job.model.parameters}
-    cohort = open_cohort(loaded, typical)
+    cohort = open_cohort(loaded, typical, positive=[p.name for p in model.parameters if p.positive])
     overlap = set(cohort.covariate_units) & set(model.parameter_names)
     if overlap:
         raise TwinError(f"{loaded.path}: covariate names {sorted(overlap)} clash with parameters of {model.name}; rename the covariates")
@@ -131,7 +131,7 @@ def make_plan(loaded: LoadedJob, local_rank: int = 0) -> Plan:
 def compute_chunk(plan: Plan, chunk_id: int, check=None) -> dict[str, np.ndarray]:
     """All arrays of one chunk, keyed by layout path."""
     job, layout = plan.job, plan.layout
-    model = get_model(job.model.name)
+    model = job_model(plan.loaded)
     start, stop = layout.chunk_bounds(chunk_id)
     ch = plan.cohort.chunk(start, stop)
     m = stop - start

@@ -21,10 +21,41 @@ def get_model(name: str) -> Model:
         raise JobError(f"key 'model.name' = {name!r}: unknown model; available: {', '.join(sorted(MODELS))}") from None
 
 
+def job_model(loaded) -> Model:
+    """The model a job runs: from the library by name, or declared in a TOML or SBML file."""
+    cached = getattr(loaded, "_model", None)
+    if cached is not None:
+        return cached
+    sec = loaded.job.model
+    if sec.file is None:
+        model = get_model(sec.name)
+    else:
+        path = loaded.resolve(sec.file)
+        if not path.is_file():
+            raise JobError(f"{loaded.path}: key 'model.file' = {sec.file!r}: file not found")
+        try:
+            if path.suffix.lower() == ".toml":
+                from kernels.ode.model_toml import load_model_toml
+
+                model = load_model_toml(path)
+            elif path.suffix.lower() in (".xml", ".sbml"):
+                from kernels.ode.sbml import import_sbml
+
+                model = import_sbml(path, name=sec.name)
+            else:
+                raise JobError(f"{loaded.path}: key 'model.file' = {sec.file!r}: expected a .toml or .xml/.sbml file")
+        except (ValueError, OSError, UnicodeDecodeError) as e:
+            raise JobError(f"{loaded.path}: key 'model.file' = {sec.file!r}: {e}") from None
+        if model.name != sec.name:
+            raise JobError(f"{loaded.path}: key 'model.name' = {sec.name!r} but {sec.file} declares {model.name!r}")
+    loaded._model = model
+    return model
+
+
 def check_job_against_model(loaded) -> None:
     """Checks that need the model: parameter, output, biomarker and dose-route names."""
     job, src = loaded.job, loaded.path
-    model = get_model(job.model.name)
+    model = job_model(loaded)
     pnames = model.parameter_names
     for k in job.model.parameters:
         if k not in pnames:
