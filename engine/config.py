@@ -48,7 +48,8 @@ class SolverSection(Strict):
     # generated analytic Jacobian; rush_larsen: fixed step, exponential update of gating states
     method: Literal["dopri5", "rk4", "rodas4", "rush_larsen"] = "dopri5"
     rtol: Annotated[float, Field(gt=0, lt=1)] = 1e-8
-    atol: Annotated[float, Field(gt=0)] = 1e-10
+    # one absolute tolerance, or one per state: { A_central = 1e-9, default = 1e-12 }
+    atol: Annotated[float, Field(gt=0)] | dict[str, Annotated[float, Field(gt=0)]] = 1e-10
     max_steps: Annotated[int, Field(ge=1)] = 1_000_000
     dt: Pos = 0.01  # fixed step (rk4 only), in the model's time unit
     first_step: Pos | None = None

@@ -144,7 +144,9 @@ def compute_chunk(plan: Plan, chunk_id: int, check=None) -> dict[str, np.ndarray
     P_run = np.where(status == 0, P, np.array([p.default for p in model.parameters])[:, None])
     events = build_events(model, job.arms, ch.arm, P_run)
     s = job.solver
-    opts = SolverOptions(method=s.method, rtol=s.rtol, atol=s.atol, max_steps=s.max_steps, dt=s.dt,
+    atol = (np.array([s.atol.get(n, s.atol.get("default", 1e-10)) for n in model.state_names])
+            if isinstance(s.atol, dict) else s.atol)
+    opts = SolverOptions(method=s.method, rtol=s.rtol, atol=atol, max_steps=s.max_steps, dt=s.dt,
                          first_step=s.first_step)
     kernel = ode_kernel(model, plan.backend.name, s.precision)
     samples, status = kernel.run(P_run, events, layout.time, opts, job.outputs.variables, status, check)

@@ -100,3 +100,19 @@ def test_gating_states_are_detected_from_the_declaration():
     from kernels.ode.symbolic import gating
 
     assert set(gating(GATE)) == {"x"}
+
+
+def test_per_state_atol_from_a_job(tmp_path):
+    """A job can give atol per state; unknown state names are refused by name."""
+    from engine.config import load_job
+    from engine.errors import JobError
+    from engine.parallel import SerialComm
+    from engine.runner import run
+    from tests.helpers import small_job
+
+    text = small_job(n=8, solver='method = "rodas4"\nrtol = 1e-9\natol = { A_central = 1e-9, default = 1e-12 }')
+    (tmp_path / "job.toml").write_text(text)
+    assert run(load_job(tmp_path / "job.toml"), tmp_path / "run", SerialComm(), quiet=True) == 0
+    (tmp_path / "bad.toml").write_text(text.replace("A_central = 1e-9", "A_centrl = 1e-9"))
+    with pytest.raises(JobError, match="solver.atol.A_centrl"):
+        load_job(tmp_path / "bad.toml")

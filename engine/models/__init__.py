@@ -64,6 +64,11 @@ def check_job_against_model(loaded) -> None:
     for p in model.parameters:
         if p.positive and typical[p.name] <= 0:
             raise JobError(f"{src}: key 'model.parameters.{p.name}' = {typical[p.name]}: must be > 0")
+    if isinstance(job.solver.atol, dict):
+        for k in job.solver.atol:
+            if k != "default" and k not in model.state_names:
+                raise JobError(f"{src}: key 'solver.atol.{k}': not a state of {model.name}; allowed: "
+                               f"{', '.join(model.state_names)} or default")
     obs = model.observable()
     for i, v in enumerate(job.outputs.variables):
         if v not in obs:

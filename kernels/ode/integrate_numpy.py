@@ -263,7 +263,8 @@ def integrate(
             err = _rms(err_vec / sc)
             err = np.where(np.isfinite(err), err, np.inf)
             ok = err <= 1.0
-            fac = np.where(err == 0, 5.0, np.clip(0.9 * np.maximum(err, 1e-300) ** -0.2, 0.2, 5.0))
+            with np.errstate(divide="ignore", invalid="ignore"):  # err**-0.2 as exp/log, as the C kernel does
+                fac = np.where(err == 0, 5.0, np.clip(0.9 * np.exp(-0.2 * np.log(np.maximum(err, 1e-300))), 0.2, 5.0))
             fac = np.where(ok, fac, np.minimum(fac, 1.0))
             h_next = hs * fac
             h_next = np.where(ok & hit, np.maximum(h_next, hi), h_next)

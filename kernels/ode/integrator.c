@@ -274,7 +274,7 @@ DEVICE void twin_patient(int pat, int m, const real* P, int n_ev, const real* ev
             err = r_sqrt(err / NS);
             if (!isfinite_r(err)) err = TWIN_INF;
             ok = err <= 1.0;
-            real fac = err == 0 ? 5.0 : rmin(rmax(0.9 * r_pow(rmax(err, TWIN_TINY), -0.2), 0.2), 5.0);
+            real fac = err == 0 ? 5.0 : rmin(rmax(0.9 * r_exp(-0.2 * r_log(rmax(err, TWIN_TINY))), 0.2), 5.0);
             if (!ok) fac = rmin(fac, 1.0);
             h_next = hs * fac;
             if (ok && hit) h_next = rmax(h_next, hi);
