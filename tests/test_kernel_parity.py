@@ -113,6 +113,43 @@ def test_cuda_source_compiles_to_ptx(name, tmp_path):
     assert ".entry twin_run_cuda" in ptx
 
 
+def _nvrtc():
+    try:
+        import ctypes
+        import glob
+        import os
+
+        import nvidia.cuda_nvrtc as pkg
+
+        libs = glob.glob(os.path.join(list(pkg.__path__)[0], "lib", "libnvrtc.so*"))
+        return ctypes.CDLL(libs[0]) if libs else None
+    except (ImportError, OSError):
+        return None
+
+
+NVRTC = _nvrtc()
+
+
+@pytest.mark.skipif(NVRTC is None, reason="NVRTC (nvidia-cuda-nvrtc) not installed")
+@pytest.mark.parametrize("precision", ["float64", "float32"])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_cuda_source_compiles_with_nvrtc(name, precision):
+    """The exact compiler and options CuPy's RawModule uses on a GPU machine."""
+    import ctypes
+
+    src = kernel_source(MODELS[name], precision).encode()
+    prog = ctypes.c_void_p()
+    assert NVRTC.nvrtcCreateProgram(ctypes.byref(prog), src, f"{name}.cu".encode(), 0, None, None) == 0
+    opts = (ctypes.c_char_p * 2)(b"--std=c++14", b"-arch=compute_90")
+    rc = NVRTC.nvrtcCompileProgram(prog, 2, opts)
+    n = ctypes.c_size_t()
+    NVRTC.nvrtcGetProgramLogSize(prog, ctypes.byref(n))
+    log = ctypes.create_string_buffer(n.value)
+    NVRTC.nvrtcGetProgramLog(prog, log)
+    NVRTC.nvrtcDestroyProgram(ctypes.byref(prog))
+    assert rc == 0, log.value.decode()
+
+
 def _gpu():
     try:
         import cupy as cp

@@ -124,6 +124,7 @@ HEADER = r"""
 #define TWIN_REAL double
 #endif
 typedef TWIN_REAL real;
+typedef long long twin_idx; /* array index type: no size_t, which NVRTC does not define without headers */
 #if TWIN_FLOAT32
 #define r_exp expf
 #define r_log logf

@@ -9,11 +9,11 @@
  * Status codes: 0 ok, 1 nonfinite, 2 step_underflow, 3 max_steps (engine/layout.py).
  */
 #ifdef KERNEL_CUDA
-#define OUT_AT(r, pat, k) (((size_t)(r) * T + (k)) * m + (pat))
+#define OUT_AT(r, pat, k) (((twin_idx)(r) * T + (k)) * m + (pat))
 #else
-#define OUT_AT(r, pat, k) (((size_t)(r) * m + (pat)) * T + (k))
+#define OUT_AT(r, pat, k) (((twin_idx)(r) * m + (pat)) * T + (k))
 #endif
-#define EVT(e) ((e) < n_ev ? ev_t[(size_t)(e) * m + pat] : TWIN_INF)
+#define EVT(e) ((e) < n_ev ? ev_t[(twin_idx)(e) * m + pat] : TWIN_INF)
 
 DEVICE real rmax(real a, real b) { return a > b ? a : b; }
 DEVICE real rmin(real a, real b) { return a < b ? a : b; }
@@ -144,7 +144,7 @@ DEVICE void twin_patient(int pat, int m, const real* P, int n_ev, const real* ev
     for (r = 0; r < n_rec; ++r)
         for (j = 0; j < T; ++j) out[OUT_AT(r, pat, j)] = TWIN_NAN;
     if (status[pat] != 0) return;
-    for (i = 0; i < NP; ++i) p[i] = P[(size_t)i * m + pat];
+    for (i = 0; i < NP; ++i) p[i] = P[(twin_idx)i * m + pat];
     model_init(p, y);
     for (i = 0; i < NIN; ++i) u[i] = 0;
 
@@ -156,7 +156,7 @@ DEVICE void twin_patient(int pat, int m, const real* P, int n_ev, const real* ev
 #define BOUNDARY()                                                                                  \
     do {                                                                                            \
         while (EVT(ev) <= t) {                                                                      \
-            size_t q = (size_t)ev * m + pat;                                                       \
+            twin_idx q = (twin_idx)ev * m + pat;                                                       \
             if (ev_kind[q] == 0) y[ev_tgt[q]] += ev_val[q]; else u[ev_tgt[q]] += ev_val[q];         \
             k1ok = 0;                                                                               \
             ++ev;                                                                                   \
