@@ -58,15 +58,17 @@ def _record_plan(model: Model, record: list[str]) -> tuple[np.ndarray, np.ndarra
 def _numpy_kernel(model: Model) -> OdeKernel:
     gen = generate(model)
 
-    def run(p, events: Events, times, opts: SolverOptions, record: list[str], status, check=None):
+    def run(p, events: Events, times, opts: SolverOptions, record: list[str], status, check=None, y0=None, u0=None,
+            t0=0.0, final=None):
         kind, idx = _record_plan(model, record)
 
         def rec(t, y, pp, u):
             o = gen.outputs(t, y, pp, u) if (kind == 0).any() else None
             return np.array([o[i] if k == 0 else y[i] for k, i in zip(kind, idx)])
 
-        return integrate(gen.rhs, rec, gen.init(p), p, len(model.inputs), events, times, opts, status=status,
-                         check=check, jac=gen.jac, dfdt=gen.dfdt, rl_b=gen.rl_b)
+        start = gen.init(p) if y0 is None else np.asarray(y0, float)
+        return integrate(gen.rhs, rec, start, p, len(model.inputs), events, times, opts, status=status,
+                         check=check, jac=gen.jac, dfdt=gen.dfdt, rl_b=gen.rl_b, u0=u0, t0=t0, final=final)
 
     return OdeKernel(model, "numpy", run, gen.source)
 
@@ -180,9 +182,11 @@ def _cpu_kernel(model: Model, precision: str = "float64") -> OdeKernel:
     fn = lib.twin_run
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_int, RP, ctypes.c_int, RP, _I8, _I16, RP, ctypes.c_int, RP, ctypes.c_int,
-                   R, RP, ctypes.c_longlong, R, R, ctypes.c_int, _I32, _I32, RP, _I8, ctypes.c_int]
+                   R, RP, ctypes.c_longlong, R, R, ctypes.c_int, _I32, _I32, RP, _I8, RP, RP, R, RP, RP, ctypes.c_int]
+    n_s, n_in = len(model.states), max(len(model.inputs), 1)
 
-    def run(p, events: Events, times, opts: SolverOptions, record: list[str], status, check=None):  # noqa: ARG001
+    def run(p, events: Events, times, opts: SolverOptions, record: list[str], status, check=None,  # noqa: ARG001
+            y0=None, u0=None, t0=0.0, final=None):
         m = p.shape[1]
         P = np.ascontiguousarray(p, dtype=dt_np)
         ev_t = np.ascontiguousarray(events.time, dtype=dt_np)
@@ -194,10 +198,22 @@ def _cpu_kernel(model: Model, precision: str = "float64") -> OdeKernel:
         out = np.empty((len(record), m, len(tt)), dtype=dt_np)
         st = np.ascontiguousarray(status, dtype=np.int8).copy()
         atol, method, first = _solver_args(model, opts, dt_np)
+        yi = None if y0 is None else np.ascontiguousarray(np.asarray(y0).reshape(n_s, m), dtype=dt_np)
+        ui = None if u0 is None else np.ascontiguousarray(np.asarray(u0).reshape(-1, m)[:n_in], dtype=dt_np)
+        if ui is not None and ui.shape[0] < n_in:  # a model without inputs still has one padding slot
+            ui = np.vstack([ui, np.zeros((n_in - ui.shape[0], m), dt_np)])
+        yf = np.full((n_s, m), np.nan, dt_np) if final is not None else None
+        uf = np.zeros((n_in, m), dt_np) if final is not None else None
+        nul = ctypes.cast(None, RP)
         # ctypes releases the GIL for the call: the dispatcher thread keeps serving other ranks
         fn(m, _ptr(P, RP), ev_t.shape[0], _ptr(ev_t, RP), _ptr(ev_k, _I8), _ptr(ev_g, _I16), _ptr(ev_v, RP),
            len(tt), _ptr(tt, RP), method, float(opts.rtol), _ptr(atol, RP), int(opts.max_steps), float(opts.dt),
-           first, len(record), _ptr(kind, _I32), _ptr(idx, _I32), _ptr(out, RP), _ptr(st, _I8), default_threads())
+           first, len(record), _ptr(kind, _I32), _ptr(idx, _I32), _ptr(out, RP), _ptr(st, _I8),
+           nul if yi is None else _ptr(yi, RP), nul if ui is None else _ptr(ui, RP), float(t0),
+           nul if yf is None else _ptr(yf, RP), nul if uf is None else _ptr(uf, RP), default_threads())
+        if final is not None:
+            final["y"] = yf.astype(np.float64)
+            final["u"] = uf[: len(model.inputs)].astype(np.float64)
         return out.astype(np.float64, copy=False), st
 
     return OdeKernel(model, "cpu", run, src)
@@ -212,10 +228,21 @@ def _cuda_kernel(model: Model, precision: str = "float64") -> OdeKernel:
     mod = cp.RawModule(code=src, options=("--std=c++14",), name_expressions=None)
     fn = mod.get_function("twin_run_cuda")
 
-    def run(p, events: Events, times, opts: SolverOptions, record: list[str], status, check=None):  # noqa: ARG001
+    n_s, n_in = len(model.states), max(len(model.inputs), 1)
+
+    def run(p, events: Events, times, opts: SolverOptions, record: list[str], status, check=None,  # noqa: ARG001
+            y0=None, u0=None, t0=0.0, final=None):
         m = p.shape[1]
         kind, idx = _record_plan(model, record)
         atol, method, first = _solver_args(model, opts, dt_np)
+        yi = None if y0 is None else cp.asarray(np.asarray(y0, dt_np).reshape(n_s, m))
+        ui = None
+        if u0 is not None:
+            uu = np.zeros((n_in, m), dt_np)
+            uu[: np.asarray(u0).reshape(-1, m).shape[0]] = np.asarray(u0).reshape(-1, m)
+            ui = cp.asarray(uu)
+        yf = cp.full((n_s, m), np.nan, dtype=dt_np) if final is not None else None
+        uf = cp.zeros((n_in, m), dtype=dt_np) if final is not None else None
         T = len(times)
         d = {k: cp.asarray(np.ascontiguousarray(v)) for k, v in dict(
             P=np.asarray(p, dt_np), ev_t=np.asarray(events.time, dt_np),
@@ -227,8 +254,13 @@ def _cuda_kernel(model: Model, precision: str = "float64") -> OdeKernel:
         fn(((m + threads - 1) // threads,), (threads,),
            (np.int32(m), d["P"], np.int32(events.time.shape[0]), d["ev_t"], d["ev_k"], d["ev_g"], d["ev_v"],
             np.int32(T), d["tt"], np.int32(method), dt_np(opts.rtol), d["atol"], np.int64(opts.max_steps),
-            dt_np(opts.dt), dt_np(first), np.int32(len(record)), d["kind"], d["idx"], out, d["st"]))
+            dt_np(opts.dt), dt_np(first), np.int32(len(record)), d["kind"], d["idx"], out, d["st"],
+            yi if yi is not None else np.uintp(0), ui if ui is not None else np.uintp(0), dt_np(t0),
+            yf if yf is not None else np.uintp(0), uf if uf is not None else np.uintp(0)))
         cp.cuda.get_current_stream().synchronize()
+        if final is not None:
+            final["y"] = cp.asnumpy(yf).astype(np.float64)
+            final["u"] = cp.asnumpy(uf)[: len(model.inputs)].astype(np.float64)
         host = cp.asnumpy(out).transpose(0, 2, 1).astype(np.float64)
         return np.ascontiguousarray(host), cp.asnumpy(d["st"])
 

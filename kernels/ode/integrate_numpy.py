@@ -103,8 +103,15 @@ def integrate(
     jac: Callable | None = None,
     dfdt: Callable | None = None,
     rl_b: Callable | None = None,
+    u0: np.ndarray | None = None,
+    t0: float = 0.0,
+    final: dict | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Integrate every patient from t=0 through all sample `times`.
+    """Integrate every patient from t0 (state y0, inputs u0) through all sample `times`.
+
+    Continuing a run segment by segment (a controller acting between segments) gives the same
+    result as one call when no input changes: pass the previous segment's final state, inputs and
+    end time. If `final` is a dict it receives "y" and "u" at the last sample time.
 
     rhs(t, y, p, u) -> dy; record(t, y, p, u) -> [n_rec, m] values stored at sample times.
     Returns (samples [n_rec, m, T] with NaN where a patient failed, status int8 [m]).
@@ -114,8 +121,8 @@ def integrate(
     T = len(times)
     status = np.zeros(m, np.int8) if status is None else status.astype(np.int8).copy()
     y = np.array(y0, dtype=float)
-    u = np.zeros((n_inputs, m))
-    t = np.zeros(m)
+    u = np.zeros((n_inputs, m)) if u0 is None else np.array(u0, dtype=float).reshape(n_inputs, m)
+    t = np.full(m, float(t0))
     atol = np.broadcast_to(np.asarray(opts.atol, float).reshape(-1, 1) if np.ndim(opts.atol) else opts.atol, (n_s, 1))
     rtol = opts.rtol
     if opts.method not in ("dopri5", "rk4", "rodas4", "rush_larsen"):
@@ -311,6 +318,9 @@ def integrate(
         out = np.full((n_rec, m, T), np.nan)
     failed = status != 0
     out[:, failed, :] = np.nan
+    if final is not None:
+        y[:, failed] = np.nan
+        final["y"], final["u"] = y, u
     return out, status
 
 

@@ -123,7 +123,8 @@ DEVICE void rodas_step(real t, const real* y, const real* p, const real* u, real
 DEVICE void twin_patient(int pat, int m, const real* P, int n_ev, const real* ev_t, const signed char* ev_kind,
                          const short* ev_tgt, const real* ev_val, int T, const real* times, int method,
                          real rtol, const real* atol, long long max_steps, real dt, real first_step, int n_rec,
-                         const int* rec_kind, const int* rec_idx, real* out, signed char* status) {
+                         const int* rec_kind, const int* rec_idx, real* out, signed char* status,
+                         const real* y_init, const real* u_init, real t0, real* y_final, real* u_final) {
     /* constants are spelt in double and rounded once to `real` */
     const real C[7] = {0.0, 1.0 / 5, 3.0 / 10, 4.0 / 5, 8.0 / 9, 1.0, 1.0};
     const real A[7][6] = {
@@ -145,10 +146,15 @@ DEVICE void twin_patient(int pat, int m, const real* P, int n_ev, const real* ev
         for (j = 0; j < T; ++j) out[OUT_AT(r, pat, j)] = TWIN_NAN;
     if (status[pat] != 0) return;
     for (i = 0; i < NP; ++i) p[i] = P[(twin_idx)i * m + pat];
-    model_init(p, y);
-    for (i = 0; i < NIN; ++i) u[i] = 0;
+    /* resume from a given state/inputs/time (segment-wise runs with controllers), or start fresh */
+    if (y_init) {
+        for (i = 0; i < NS; ++i) y[i] = y_init[(twin_idx)i * m + pat];
+    } else {
+        model_init(p, y);
+    }
+    for (i = 0; i < NIN; ++i) u[i] = u_init ? u_init[(twin_idx)i * m + pat] : 0;
 
-    real t = 0, h = 0;
+    real t = t0, h = 0;
     int ev = 0, s = 0, k1ok = 0, code = 0;
     long long steps = 0;
 
@@ -168,8 +174,15 @@ DEVICE void twin_patient(int pat, int m, const real* P, int n_ev, const real* ev
         }                                                                                           \
     } while (0)
 
+#define SAVE_FINAL()                                                              \
+    do {                                                                          \
+        if (y_final)                                                              \
+            for (i = 0; i < NS; ++i) y_final[(twin_idx)i * m + pat] = y[i];       \
+        if (u_final)                                                              \
+            for (i = 0; i < NIN; ++i) u_final[(twin_idx)i * m + pat] = u[i];      \
+    } while (0)
     BOUNDARY();
-    if (s >= T) return;
+    if (s >= T) { SAVE_FINAL(); return; }
 
     if (adaptive) {
         if (first_step > 0) {
@@ -313,13 +326,15 @@ DEVICE void twin_patient(int pat, int m, const real* P, int n_ev, const real* ev
         if (steps >= max_steps) { code = 3; goto fail; }
         if (ok && hit) {
             BOUNDARY();
-            if (s >= T) return;
+            if (s >= T) { SAVE_FINAL(); return; }
         }
     }
 fail:
     status[pat] = (signed char)code;
     for (r = 0; r < n_rec; ++r)
         for (j = 0; j < T; ++j) out[OUT_AT(r, pat, j)] = TWIN_NAN;
+    for (i = 0; i < NS; ++i) y[i] = TWIN_NAN;
+    SAVE_FINAL();
 }
 
 #ifdef KERNEL_CUDA
@@ -327,17 +342,19 @@ extern "C" __global__ void twin_run_cuda(int m, const real* P, int n_ev, const r
                                          const short* ev_tgt, const real* ev_val, int T, const real* times, int method,
                                          real rtol, const real* atol, long long max_steps, real dt, real first_step,
                                          int n_rec, const int* rec_kind, const int* rec_idx, real* out,
-                                         signed char* status) {
+                                         signed char* status, const real* y_init, const real* u_init, real t0,
+                                         real* y_final, real* u_final) {
     int pat = blockIdx.x * blockDim.x + threadIdx.x;
     if (pat < m)
         twin_patient(pat, m, P, n_ev, ev_t, ev_kind, ev_tgt, ev_val, T, times, method, rtol, atol, max_steps, dt,
-                     first_step, n_rec, rec_kind, rec_idx, out, status);
+                     first_step, n_rec, rec_kind, rec_idx, out, status, y_init, u_init, t0, y_final, u_final);
 }
 #else
 int twin_run(int m, const real* P, int n_ev, const real* ev_t, const signed char* ev_kind, const short* ev_tgt,
              const real* ev_val, int T, const real* times, int method, real rtol, const real* atol,
              long long max_steps, real dt, real first_step, int n_rec, const int* rec_kind, const int* rec_idx,
-             real* out, signed char* status, int n_threads) {
+             real* out, signed char* status, const real* y_init, const real* u_init, real t0, real* y_final,
+             real* u_final, int n_threads) {
     int pat;
     (void)n_threads;
 #ifdef _OPENMP
@@ -345,8 +362,8 @@ int twin_run(int m, const real* P, int n_ev, const real* ev_t, const signed char
 #endif
     for (pat = 0; pat < m; ++pat)
         twin_patient(pat, m, P, n_ev, ev_t, ev_kind, ev_tgt, ev_val, T, times, method, rtol, atol, max_steps, dt,
-                     first_step, n_rec, rec_kind, rec_idx, out, status);
+                     first_step, n_rec, rec_kind, rec_idx, out, status, y_init, u_init, t0, y_final, u_final);
     return 0;
 }
-int twin_abi_version(void) { return 1; }
+int twin_abi_version(void) { return 2; }
 #endif
