@@ -373,6 +373,14 @@ class OutputsSection(Strict):
         return self.times.values() if isinstance(self.times, TimeGrid) else np.asarray(self.times, float)
 
 
+class ControllerSection(Strict):
+    """A controller acting during the simulation (engine.controllers), e.g. insulin dosing."""
+
+    name: Name
+    period: Pos  # control period, in the model's time unit
+    settings: dict = Field(default_factory=dict)  # validated by the controller's own model
+
+
 # ---------------------------------------------------------------- job
 class Job(Strict):
     job: JobSection
@@ -381,6 +389,7 @@ class Job(Strict):
     cohort: CohortSection
     arms: Annotated[list[Arm], Field(min_length=1)]
     outputs: OutputsSection
+    controller: ControllerSection | None = None
 
     @field_validator("arms")
     @classmethod

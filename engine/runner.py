@@ -80,7 +80,12 @@ def build_layout(loaded: LoadedJob, cohort: CohortSource) -> Layout:
     times = job.outputs.time_values()
     tu = model.time_unit
     v: list[VarSpec] = []
+    ctl = _controller_class(job)
     for name in job.outputs.variables:
+        if ctl is not None and name in ctl.signals:
+            sg = ctl.signals[name]
+            v.append(VarSpec(name, ("patient", "time"), "f8", {"units": sg.unit, "long_name": sg.long_name}))
+            continue
         desc = next((o.description for o in model.outputs if o.name == name), "")
         desc = desc or next((s.description for s in model.states if s.name == name), "")
         v.append(VarSpec(name, ("patient", "time"), "f8", {"units": model.unit_of(name), "long_name": desc}))
@@ -105,12 +110,23 @@ def build_layout(loaded: LoadedJob, cohort: CohortSource) -> Layout:
     if job.cohort.csv is not None:
         v.append(VarSpec("cohort/pseudonym", ("patient",), "S64", {
             "long_name": "HMAC-SHA256 pseudonym of the source identifier"}))
+    if ctl is not None:
+        for name, sg in ctl.results.items():
+            v.append(VarSpec(f"biomarkers/{name}", ("patient",), "f8", {"units": sg.unit, "long_name": sg.long_name}))
     for b in job.outputs.biomarkers:
         v.append(VarSpec(f"biomarkers/{b.name}", ("patient",), "f8", {
             "units": bm.units(b.statistic, model.unit_of(b.variable), tu),
             "long_name": f"{b.statistic} of {b.variable}" + (f" above {b.threshold}" if b.threshold is not None else ""),
         }))
     return Layout(cohort.n, times, tu, v, job.job.chunk_size)
+
+
+def _controller_class(job):
+    if job.controller is None:
+        return None
+    from .controllers import get_controller
+
+    return get_controller(job.controller.name)
 
 
 def make_plan(loaded: LoadedJob, local_rank: int = 0) -> Plan:
@@ -149,10 +165,27 @@ def compute_chunk(plan: Plan, chunk_id: int, check=None) -> dict[str, np.ndarray
     opts = SolverOptions(method=s.method, rtol=s.rtol, atol=atol, max_steps=s.max_steps, dt=s.dt,
                          first_step=s.first_step)
     kernel = ode_kernel(model, plan.backend.name, s.precision)
-    samples, status = kernel.run(P_run, events, layout.time, opts, job.outputs.variables, status, check)
     arrays: dict[str, np.ndarray] = {}
-    for i, name in enumerate(job.outputs.variables):
-        arrays[name] = np.ascontiguousarray(samples[i])
+    ctl_cls = _controller_class(job)
+    if ctl_cls is None:
+        samples, status = kernel.run(P_run, events, layout.time, opts, job.outputs.variables, status, check)
+        for i, name in enumerate(job.outputs.variables):
+            arrays[name] = np.ascontiguousarray(samples[i])
+    else:
+        from .controllers import ChunkContext
+        from .segments import run_controlled
+
+        ctx = ChunkContext(model=model, P=P_run, covariates=ch.covariates, index=ch.index, arm=ch.arm,
+                           seed=job.job.seed, t_end=float(layout.time[-1]))
+        ctl = ctl_cls(plan.loaded._controller_settings, job.controller.period, ctx)
+        rec = [v for v in job.outputs.variables if v not in ctl_cls.signals]
+        samples, status, sig = run_controlled(kernel, ctl, P_run, events, layout.time, opts, rec, status, check)
+        for name in job.outputs.variables:
+            arrays[name] = np.ascontiguousarray(sig[name] if name in ctl_cls.signals else samples[rec.index(name)])
+        for name, val in ctl.result_values().items():
+            r = np.asarray(val, float).copy()
+            r[status != 0] = np.nan
+            arrays[f"biomarkers/{name}"] = r
     arrays["status"] = status
     arrays["arm"] = ch.arm.astype(np.int16)
     for spec in layout.vars:

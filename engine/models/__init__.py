@@ -70,6 +70,22 @@ def check_job_against_model(loaded) -> None:
                 raise JobError(f"{src}: key 'solver.atol.{k}': not a state of {model.name}; allowed: "
                                f"{', '.join(model.state_names)} or default")
     obs = model.observable()
+    if job.controller is not None:
+        from pydantic import ValidationError
+
+        from ..config import format_validation_error
+        from ..controllers import get_controller
+
+        ctl = get_controller(job.controller.name)
+        if ctl.models and model.name not in ctl.models:
+            raise JobError(f"{src}: key 'controller.name' = {ctl.name!r} works with models {', '.join(ctl.models)}, "
+                           f"not {model.name}")
+        try:
+            loaded._controller_settings = ctl.Settings.model_validate(job.controller.settings)
+        except ValidationError as e:
+            msg = format_validation_error(e, str(src)).replace("key '", "key 'controller.settings.")
+            raise JobError(msg) from None
+        obs = obs + list(ctl.signals)
     for i, v in enumerate(job.outputs.variables):
         if v not in obs:
             raise JobError(f"{src}: key 'outputs.variables[{i}]' = {v!r}: not an output of {model.name}; allowed: {', '.join(obs)}")
