@@ -622,4 +622,8 @@ def report(path: str | os.PathLike, out_dir: str | os.PathLike, chunks: int | No
                   ncol=min(len(arms), 4), frameon=False)
         ax.margins(y=0.12)
         save(fig, "status.png")
+    if "[trial]" in str(ds.attrs.get("job_toml", "")) and biomarker_names(ds):
+        from .trial_analysis import forest_plot
+
+        written += forest_plot(path, out_dir)
     return written

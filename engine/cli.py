@@ -82,6 +82,15 @@ def _cmd_summary(args) -> int:
     from .analysis import summary
 
     print(summary(args.result))
+    from .analysis import open_run
+
+    ds = open_run(args.result)
+    trial = "[trial]" in str(ds.attrs.get("job_toml", ""))
+    ds.close()
+    if trial:
+        from .trial_analysis import subgroup_text
+
+        print(subgroup_text(args.result))
     return EXIT_OK
 
 

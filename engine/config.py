@@ -31,7 +31,7 @@ NonNeg = Annotated[float, Field(ge=0)]
 
 class Strict(BaseModel):
     # strict: "12" or true is not a number; TOML already gives real types, so nothing valid is lost
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True, strict=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True, strict=True, populate_by_name=True)
 
 
 # ---------------------------------------------------------------- job / solver
@@ -373,6 +373,53 @@ class OutputsSection(Strict):
         return self.times.values() if isinstance(self.times, TimeGrid) else np.asarray(self.times, float)
 
 
+class Criterion(Strict):
+    """One screening rule on a covariate: a range (min/max, inclusive) or a set of categories."""
+
+    covariate: Name
+    min: float | None = None
+    max: float | None = None
+    categories: list[Name] | None = Field(default=None, alias="in")
+
+    @model_validator(mode="after")
+    def _one(self):
+        if self.categories is None and self.min is None and self.max is None:
+            raise ValueError("give 'min', 'max' or 'in'")
+        if self.categories is not None and (self.min is not None or self.max is not None):
+            raise ValueError("'in' (categories) cannot be combined with 'min'/'max'")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min={self.min} > max={self.max}")
+        return self
+
+
+class TrialSection(Strict):
+    """Trial design: screening, randomisation to arms, and subgroups for the analysis."""
+
+    # simple: each patient's arm from its own random stream; stratified: permuted blocks within
+    # strata (combinations of the `strata` covariates, continuous ones cut at `subgroups` bands)
+    randomisation: Literal["simple", "stratified"] = "simple"
+    strata: list[Name] = Field(default_factory=list)
+    block_size: Annotated[int, Field(ge=1, le=1000)] | None = None  # default: one of each arm (× weights)
+    inclusion: list[Criterion] = Field(default_factory=list)  # all must hold
+    exclusion: list[Criterion] = Field(default_factory=list)  # any excludes
+    subgroups: dict[Name, list[float] | bool] = Field(default_factory=dict)  # band edges, or true for categorical
+    primary: Name | None = None  # biomarker compared between arms (forest plot)
+    reference_arm: Name | None = None
+
+    @model_validator(mode="after")
+    def _strata(self):
+        if self.randomisation == "stratified" and not self.strata:
+            raise ValueError("randomisation 'stratified' needs 'strata'")
+        if self.randomisation == "simple" and (self.strata or self.block_size):
+            raise ValueError("'strata'/'block_size' need randomisation = 'stratified'")
+        for k, v in self.subgroups.items():
+            if isinstance(v, list) and (len(v) < 2 or any(b <= a for a, b in zip(v, v[1:]))):
+                raise ValueError(f"subgroups.{k} = {v}: band edges must be >= 2 increasing numbers")
+            if v is False:
+                raise ValueError(f"subgroups.{k} = false: omit the key instead")
+        return self
+
+
 class ControllerSection(Strict):
     """A controller acting during the simulation (engine.controllers), e.g. insulin dosing."""
 
@@ -390,6 +437,31 @@ class Job(Strict):
     arms: Annotated[list[Arm], Field(min_length=1)]
     outputs: OutputsSection
     controller: ControllerSection | None = None
+    trial: TrialSection | None = None
+
+    @model_validator(mode="after")
+    def _trial_names(self):
+        t = self.trial
+        if t is None:
+            return self
+        arms = [a.name for a in self.arms]
+        if t.reference_arm is not None and t.reference_arm not in arms:
+            raise ValueError(f"trial.reference_arm = {t.reference_arm!r} is not an arm ({arms})")
+        bms = [b.name for b in self.outputs.biomarkers]
+        if t.primary is not None and t.primary not in bms:
+            raise ValueError(f"trial.primary = {t.primary!r} is not a biomarker in outputs.biomarkers ({bms})")
+        covs = set(self.cohort.covariates) | (set(self.cohort.csv.covariates) if self.cohort.csv else set())
+        for where, names in (("strata", t.strata), ("subgroups", list(t.subgroups)),
+                             ("inclusion", [c.covariate for c in t.inclusion]),
+                             ("exclusion", [c.covariate for c in t.exclusion])):
+            for i, n in enumerate(names):
+                if n not in covs:
+                    raise ValueError(f"trial.{where}[{i}] = {n!r} is not a covariate ({sorted(covs)})")
+        for n in t.strata:
+            cont = n in self.cohort.covariates and not isinstance(self.cohort.covariates[n], CategoricalDist)
+            if cont and not isinstance(t.subgroups.get(n), list):
+                raise ValueError(f"trial.strata: continuous covariate {n!r} needs band edges in trial.subgroups.{n}")
+        return self
 
     @field_validator("arms")
     @classmethod

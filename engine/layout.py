@@ -34,7 +34,7 @@ STATUS_CODES: dict[str, int] = {
     "max_steps": 3,  # step budget exhausted
     "invalid_parameter": 4,  # non-finite or non-positive parameter (e.g. from a CSV row)
     "invalid_covariate": 5,  # missing / unparsable covariate in a CSV row
-    "not_run": 6,  # excluded before simulation (reserved)
+    "excluded": 6,  # screened out by the trial's inclusion/exclusion criteria (not simulated)
 }
 STATUS_NAMES = {v: k for k, v in STATUS_CODES.items()}
 

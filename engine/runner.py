@@ -68,6 +68,7 @@ class Plan:
     layout: Layout
     backend: Backend
     typical: dict[str, float]
+    assignment: np.ndarray | None = None  # stratified randomisation: arm of every patient
 
     @property
     def job(self):
@@ -90,9 +91,10 @@ def build_layout(loaded: LoadedJob, cohort: CohortSource) -> Layout:
         desc = desc or next((s.description for s in model.states if s.name == name), "")
         v.append(VarSpec(name, ("patient", "time"), "f8", {"units": model.unit_of(name), "long_name": desc}))
     v.append(VarSpec("status", ("patient",), "i1", status_attrs()))
+    screened = job.trial is not None and (job.trial.inclusion or job.trial.exclusion or job.trial.randomisation != "simple")
     v.append(VarSpec("arm", ("patient",), "i2", {
-        "flag_values": np.arange(len(job.arms), dtype="i2"),
-        "flag_meanings": " ".join(a.name for a in job.arms),
+        "flag_values": np.arange(-1 if screened else 0, len(job.arms), dtype="i2"),
+        "flag_meanings": " ".join((["not_randomised"] if screened else []) + [a.name for a in job.arms]),
         "long_name": "treatment arm",
     }))
     for name in sorted(set(cohort.covariate_units) | set(cohort.categories)):
@@ -141,7 +143,12 @@ def make_plan(loaded: LoadedJob, local_rank: int = 0) -> Plan:
     if job.solver.precision == "float32" and backend.name == "numpy":
         raise TwinError(f"{loaded.path}: key 'solver.precision' = 'float32': backend 'numpy' runs in float64 only; "
                         "use backend 'cpu', 'cuda' or 'auto'")
-    return Plan(loaded, cohort, build_layout(loaded, cohort), backend, typical)
+    assignment = None
+    if job.trial is not None and job.trial.randomisation == "stratified":
+        from .trial import stratified_assignment
+
+        assignment = stratified_assignment(job, cohort)
+    return Plan(loaded, cohort, build_layout(loaded, cohort), backend, typical, assignment)
 
 
 def compute_chunk(plan: Plan, chunk_id: int, check=None) -> dict[str, np.ndarray]:
@@ -153,12 +160,22 @@ def compute_chunk(plan: Plan, chunk_id: int, check=None) -> dict[str, np.ndarray
     m = stop - start
     P = np.array([ch.parameters[n] for n in model.parameter_names], dtype=float).reshape(len(model.parameters), m)
     status = ch.status.astype(np.int8).copy()
+    arm = ch.arm.astype(np.int16).copy()
+    if job.trial is not None:
+        from .trial import NOT_RANDOMISED, screen
+
+        inc = screen(job.trial, ch.covariates, plan.cohort.categories)
+        if plan.assignment is not None:
+            arm = plan.assignment[start:stop].copy()
+            inc &= arm != NOT_RANDOMISED
+        status[(status == 0) & ~inc] = STATUS_CODES["excluded"]
+        arm[~inc] = NOT_RANDOMISED
     must_pos = np.array([p.positive for p in model.parameters])
     bad = ~np.all(np.isfinite(P), axis=0) | np.any((P <= 0) & must_pos[:, None], axis=0)
     status[(status == 0) & bad] = STATUS_CODES["invalid_parameter"]
     # failed patients still go through the kernel with harmless values, so chunk shapes never change
     P_run = np.where(status == 0, P, np.array([p.default for p in model.parameters])[:, None])
-    events = build_events(model, job.arms, ch.arm, P_run)
+    events = build_events(model, job.arms, np.maximum(arm, 0), P_run)  # not-randomised patients are not run
     s = job.solver
     atol = (np.array([s.atol.get(n, s.atol.get("default", 1e-10)) for n in model.state_names])
             if isinstance(s.atol, dict) else s.atol)
@@ -175,7 +192,7 @@ def compute_chunk(plan: Plan, chunk_id: int, check=None) -> dict[str, np.ndarray
         from .controllers import ChunkContext
         from .segments import run_controlled
 
-        ctx = ChunkContext(model=model, P=P_run, covariates=ch.covariates, index=ch.index, arm=ch.arm,
+        ctx = ChunkContext(model=model, P=P_run, covariates=ch.covariates, index=ch.index, arm=arm,
                            seed=job.job.seed, t_end=float(layout.time[-1]))
         ctl = ctl_cls(plan.loaded._controller_settings, job.controller.period, ctx)
         rec = [v for v in job.outputs.variables if v not in ctl_cls.signals]
@@ -187,7 +204,7 @@ def compute_chunk(plan: Plan, chunk_id: int, check=None) -> dict[str, np.ndarray
             r[status != 0] = np.nan
             arrays[f"biomarkers/{name}"] = r
     arrays["status"] = status
-    arrays["arm"] = ch.arm.astype(np.int16)
+    arrays["arm"] = arm
     for spec in layout.vars:
         if spec.path.startswith("cohort/"):
             key = spec.path[7:]
@@ -369,7 +386,15 @@ def _run_chunks(plan, loaded, run_dir, comm, quiet, stop, attempt, done, prov) -
             }
             path = store.build_master(run_dir, lay, all_entries, attrs)
             rate = f", {n_new / elapsed:,.0f} patients/s" if n_new else ""
-            _say(quiet, f"twin: wrote {path} ({lay.n_patients} patients, {n_failed} failed, "
+            screened = ""
+            if plan.job.trial is not None:
+                import h5py
+
+                with h5py.File(path, "r") as f:
+                    n_out = int((f["status"][:] == STATUS_CODES["excluded"]).sum())
+                n_failed -= n_out
+                screened = f", {n_out} screened out"
+            _say(quiet, f"twin: wrote {path} ({lay.n_patients} patients, {n_failed} failed{screened}, "
                         f"{plan.cohort.n_excluded_no_consent} excluded without consent; {elapsed:.1f} s{rate})")
     code = comm.bcast(code, root=0)
     return code

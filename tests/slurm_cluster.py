@@ -22,6 +22,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -29,6 +30,9 @@ from pathlib import Path
 
 # advertised CPUs: more than a CI box has, so tests can ask for several tasks (config_overrides)
 NODE_CPUS = 8
+# fake GPUs (gres whose "device files" are plain files): enough for Slurm to bind one GPU per task
+# and set CUDA_VISIBLE_DEVICES, which is what the GPU template relies on; nothing opens them
+FAKE_GPUS = 4
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "squeue", "sinfo", "scontrol")
 
 
@@ -69,14 +73,26 @@ def ensure_installed(log=print) -> None:
         raise ClusterUnavailable(f"after apt-get, still missing: {', '.join(missing_binaries())}")
 
 
+# slurmd wants gres "File=" to be character devices: borrow the numbers of harmless ones
+# (null, zero, full, random, urandom…), distinct so Slurm sees distinct devices
+_HARMLESS_MINORS = (3, 5, 7, 8, 9)
+
+
+def make_fake_device(path: Path, i: int) -> None:
+    if path.exists():
+        return
+    os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(1, _HARMLESS_MINORS[i % len(_HARMLESS_MINORS)]))
+
+
 def _sbin(name: str) -> str:
     return shutil.which(name) or str(Path("/usr/sbin", name))
 
 
 class SlurmCluster:
-    def __init__(self, root: str | Path, cpus: int = NODE_CPUS):
+    def __init__(self, root: str | Path, cpus: int = NODE_CPUS, gpus: int = FAKE_GPUS):
         self.root = Path(root).resolve()
         self.cpus = cpus
+        self.gpus = gpus
         self.node = socket.gethostname().split(".")[0]
         self.procs: dict[str, subprocess.Popen] = {}
         self.conf = self.root / "etc" / "slurm.conf"
@@ -88,11 +104,11 @@ class SlurmCluster:
         return {**os.environ, "SLURM_CONF": str(self.conf)}
 
     def _dirs(self) -> dict[str, Path]:
-        d = {k: self.root / k for k in ("etc", "munge", "state", "spool", "log", "run")}
+        d = {k: self.root / k for k in ("etc", "munge", "state", "spool", "log", "run", "dev")}
         for p in d.values():
             p.mkdir(parents=True, exist_ok=True)
         os.chmod(self.root, 0o755)
-        os.chmod(d["munge"], 0o700)
+        os.chmod(d["munge"], 0o755)  # munged wants the socket's directory reachable by everyone
         return d
 
     def write_config(self) -> None:
@@ -103,6 +119,13 @@ class SlurmCluster:
         os.chmod(key, 0o400)
         self.munge_socket = d["munge"] / "munge.socket"
         ctld_port, d_port = _free_port(), _free_port()
+        gres = ""
+        if self.gpus:
+            for i in range(self.gpus):
+                make_fake_device(d["dev"] / f"fakegpu{i}", i)
+            (d["etc"] / "gres.conf").write_text(
+                f"AutoDetect=off\nNodeName={self.node} Name=gpu File={d['dev']}/fakegpu[0-{self.gpus - 1}]\n")
+            gres = f" Gres=gpu:{self.gpus}"
         self.conf.write_text(f"""\
 # single-node test cluster written by tests/slurm_cluster.py
 ClusterName=twintest
@@ -115,7 +138,7 @@ AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={self.munge_socket}
 StateSaveLocation={d['state']}
-SlurmdSpoolDir={d['spool']}/slurmd-%n
+SlurmdSpoolDir={d['spool']}
 SlurmctldPidFile={d['run']}/slurmctld.pid
 SlurmdPidFile={d['run']}/slurmd.pid
 SlurmctldLogFile={d['log']}/slurmctld.log
@@ -130,6 +153,7 @@ AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
 MpiDefault=none
+GresTypes=gpu
 SlurmdParameters=config_overrides
 ReturnToService=2
 JobRequeue=1
@@ -140,7 +164,7 @@ KillWait=20
 InactiveLimit=0
 SlurmdTimeout=60
 MessageTimeout=20
-NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} Sockets=1 CoresPerSocket={self.cpus} ThreadsPerCore=1 RealMemory=4000 State=UNKNOWN
+NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} Sockets=1 CoresPerSocket={self.cpus} ThreadsPerCore=1 RealMemory=4000{gres} State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 """)
 
