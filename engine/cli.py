@@ -37,6 +37,31 @@ def _parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("audit", help="verify a run's audit chain and result digest")
     a.add_argument("run_dir")
+
+    from .bench import add_arguments as _bench_args
+
+    _bench_args(sub.add_parser("bench", help="benchmark suite (kernels, IO, end-to-end, MPI scaling): JSON + Markdown"))
+
+    sb = sub.add_parser("submit", help="render a Slurm batch script for a job (or a screen of jobs) and sbatch it")
+    sb.add_argument("jobs", nargs="+", metavar="JOB.toml", help="job file; several make a screen (job array)")
+    sb.add_argument("-o", "--output", help="run directory (default runs/<job name>, runs/<first>-screen)")
+    sb.add_argument("--nodes", type=int)
+    sb.add_argument("--ntasks-per-node", type=int, help="MPI ranks per node")
+    sb.add_argument("--gpus-per-task", type=int, help="> 0: GPU template, one rank per GPU")
+    sb.add_argument("--cpus-per-task", type=int, help="OpenMP threads per rank")
+    sb.add_argument("--time", help="time limit (HH:MM:SS, D-HH:MM:SS, minutes)")
+    sb.add_argument("--signal-seconds", type=int, help="SIGTERM this long before the time limit")
+    sb.add_argument("--partition")
+    sb.add_argument("--account")
+    sb.add_argument("--requeue", action="store_true", help="a job that requeues itself until it is done")
+    sb.add_argument("--array-shards", type=int, help="screen: split the jobs into S array tasks")
+    sb.add_argument("--array-parallel", type=int, help="screen: at most M array tasks at once")
+    sb.add_argument("--template", help="a batch script template of your own (default: slurm/*.sbatch)")
+    sb.add_argument("--dry-run", action="store_true", help="print the script; write and submit nothing")
+
+    st = sub.add_parser("status", help="progress of a run (or screen) from its journal, and its Slurm state")
+    st.add_argument("run_dir")
+    st.add_argument("--json", action="store_true", help="machine-readable")
     return p
 
 
@@ -116,10 +141,45 @@ def _cmd_audit(args) -> int:
     return EXIT_OK
 
 
+def _cmd_submit(args) -> int:
+    from .submit import plan, submit
+
+    keys = ("nodes", "ntasks_per_node", "gpus_per_task", "cpus_per_task", "time", "signal_seconds", "partition",
+            "account")
+    sub = plan(args.jobs, run_dir=args.output, overrides={k: getattr(args, k) for k in keys},
+               requeue=args.requeue, array_shards=args.array_shards, template=args.template,
+               array_limit=args.array_parallel)
+    if args.dry_run:
+        print(sub.script, end="")
+        return EXIT_OK
+    job_id = submit(sub)
+    what = f"array of {sub.shards} task{'s' if sub.shards > 1 else ''} over {len(sub.jobs)} jobs" if sub.kind == "array" \
+        else f"{sub.kind} job"
+    print(f"submitted {what} as Slurm job {job_id}: {sub.script_path}")
+    print(f"follow it with: twin status {sub.run_dir}")
+    return EXIT_OK
+
+
+def _cmd_status(args) -> int:
+    import json
+
+    from .submit import format_status, status
+
+    res = status(args.run_dir)
+    print(json.dumps(res, indent=1) if args.json else format_status(res))
+    return EXIT_OK
+
+
+def _cmd_bench(args) -> int:
+    from .bench import run
+
+    return run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     cmd = {"run": _cmd_run, "validate": _cmd_validate, "summary": _cmd_summary, "report": _cmd_report,
-           "audit": _cmd_audit}[args.cmd]
+           "audit": _cmd_audit, "bench": _cmd_bench, "submit": _cmd_submit, "status": _cmd_status}[args.cmd]
     try:
         return cmd(args)
     except TwinError as e:

@@ -420,6 +420,19 @@ class TrialSection(Strict):
         return self
 
 
+class SlurmSection(Strict):
+    """Resources for `twin submit` (engine.submit); the command line overrides each key."""
+
+    nodes: Annotated[int, Field(ge=1, le=100_000)] | None = None
+    ntasks_per_node: Annotated[int, Field(ge=1, le=100_000)] | None = None
+    gpus_per_task: Annotated[int, Field(ge=0, le=64)] | None = None  # > 0 picks the GPU template
+    cpus_per_task: Annotated[int, Field(ge=1, le=100_000)] | None = None
+    time: Annotated[str, Field(pattern=r"^(\d+-\d{1,2}(:\d{1,2}){0,2}|\d+(:\d{1,2}){0,2})$")] | None = None
+    signal_seconds: Annotated[int, Field(ge=1, le=65535)] | None = None  # SIGTERM this long before the limit
+    partition: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.,\-]{1,128}$")] | None = None
+    account: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]{1,128}$")] | None = None
+
+
 class ControllerSection(Strict):
     """A controller acting during the simulation (engine.controllers), e.g. insulin dosing."""
 
@@ -437,6 +450,7 @@ class Job(Strict):
     arms: Annotated[list[Arm], Field(min_length=1)]
     outputs: OutputsSection
     controller: ControllerSection | None = None
+    slurm: SlurmSection | None = None  # `twin submit` resources (not used by `twin run`)
     trial: TrialSection | None = None
 
     @model_validator(mode="after")

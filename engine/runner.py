@@ -29,7 +29,7 @@ from .config import LoadedJob
 from .dosing import build_events
 from .errors import EXIT_INTERRUPTED, EXIT_OK, Interrupted, StoreError, TwinError
 from .layout import STATUS_CODES, Layout, VarSpec, status_attrs
-from .models import job_model
+from .models import EVENT_HOOKS, job_model
 from .parallel import ChunkQueue, abort, lor
 
 log = logging.getLogger("twin")
@@ -176,6 +176,9 @@ def compute_chunk(plan: Plan, chunk_id: int, check=None) -> dict[str, np.ndarray
     # failed patients still go through the kernel with harmless values, so chunk shapes never change
     P_run = np.where(status == 0, P, np.array([p.default for p in model.parameters])[:, None])
     events = build_events(model, job.arms, np.maximum(arm, 0), P_run)  # not-randomised patients are not run
+    hook = EVENT_HOOKS.get(model.name)
+    if hook is not None:  # events a model needs besides doses (circ_0d: one per heart beat)
+        events = hook(model, P_run, events, float(layout.time[-1]))
     s = job.solver
     atol = (np.array([s.atol.get(n, s.atol.get("default", 1e-10)) for n in model.state_names])
             if isinstance(s.atol, dict) else s.atol)

@@ -1,9 +1,10 @@
 """A real single-node Slurm for the tests: munged, slurmctld and slurmd started as root.
 
 Everything lives under one temporary directory (config, munge key and socket, state, spool, logs,
-pid files); nothing under /etc is written, no service manager is used, ports are picked free, and
-the daemons are stopped by the PIDs we started. If `sbatch`/`slurmctld`/`munged` are missing, Debian's
-`slurm-wlm` and `munge` are installed with apt-get (root only).
+pid files, four fake GPUs as gres); nothing under /etc is written, no service manager is used,
+ports are picked free, and the daemons are stopped by the PIDs we started. If `sbatch`,
+`slurmctld`, `munged`… are missing, Debian's `slurm-wlm` and `munge` are installed with apt-get
+(root only).
 
     cluster = SlurmCluster(tmpdir); cluster.start()   # raises ClusterUnavailable(reason)
     cluster.env                                        # SLURM_CONF=… for sbatch/squeue/scontrol
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -30,8 +32,9 @@ from pathlib import Path
 
 # advertised CPUs: more than a CI box has, so tests can ask for several tasks (config_overrides)
 NODE_CPUS = 8
-# fake GPUs (gres whose "device files" are plain files): enough for Slurm to bind one GPU per task
-# and set CUDA_VISIBLE_DEVICES, which is what the GPU template relies on; nothing opens them
+# fake GPUs: gres whose device files are character devices borrowed from /dev/null & co. Enough
+# for Slurm to bind one GPU per task and set CUDA_VISIBLE_DEVICES (what the GPU template relies
+# on); nothing opens them. Without mknod (unprivileged container) the node has no GPUs.
 FAKE_GPUS = 4
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "squeue", "sinfo", "scontrol")
 
@@ -93,6 +96,7 @@ class SlurmCluster:
         self.root = Path(root).resolve()
         self.cpus = cpus
         self.gpus = gpus
+        self.no_gpu_reason = "" if gpus else "cluster started without GPUs"
         self.node = socket.gethostname().split(".")[0]
         self.procs: dict[str, subprocess.Popen] = {}
         self.conf = self.root / "etc" / "slurm.conf"
@@ -121,8 +125,13 @@ class SlurmCluster:
         ctld_port, d_port = _free_port(), _free_port()
         gres = ""
         if self.gpus:
-            for i in range(self.gpus):
-                make_fake_device(d["dev"] / f"fakegpu{i}", i)
+            try:
+                for i in range(self.gpus):
+                    make_fake_device(d["dev"] / f"fakegpu{i}", i)
+            except OSError as e:
+                self.no_gpu_reason = f"cannot mknod fake GPU devices: {e}"
+                self.gpus = 0
+        if self.gpus:
             (d["etc"] / "gres.conf").write_text(
                 f"AutoDetect=off\nNodeName={self.node} Name=gpu File={d['dev']}/fakegpu[0-{self.gpus - 1}]\n")
             gres = f" Gres=gpu:{self.gpus}"
@@ -174,7 +183,6 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
         self.procs[name] = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                             env={**os.environ, "SLURM_CONF": str(self.conf)}, start_new_session=True)
         out.close()
-        (self.root / "run" / f"{name}.started").write_text(str(self.procs[name].pid))
 
     def _check_alive(self, name: str) -> None:
         p = self.procs.get(name)
@@ -189,19 +197,26 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
         return " | ".join(lines[-n:]) or "(no log)"
 
     def start(self, timeout: float = 60.0) -> "SlurmCluster":
+        """Install if needed, write the config, start the daemons, wait for an idle node; on any
+        failure stop what was started and raise ClusterUnavailable(reason)."""
         if os.geteuid() != 0:
             raise ClusterUnavailable("the Slurm daemons must run as root (tests are not running as root)")
         ensure_installed()
         self.write_config()
         d = self.root
-        self._spawn("munged", [_sbin("munged"), "--foreground", "--force", f"--socket={self.munge_socket}",
-                               f"--key-file={d / 'munge' / 'munge.key'}", f"--pid-file={d / 'run' / 'munged.pid'}",
-                               f"--log-file={d / 'log' / 'munged.log'}", f"--seed-file={d / 'munge' / 'seed'}"])
-        self._wait(lambda: self.munge_socket.exists(), 15, "munged socket", "munged")
-        self._spawn("slurmctld", [_sbin("slurmctld"), "-D", "-i", "-f", str(self.conf)])
-        self._wait(lambda: self._run(["scontrol", "ping"]).stdout.count("UP") > 0, timeout, "slurmctld to answer", "slurmctld")
-        self._spawn("slurmd", [_sbin("slurmd"), "-D", "-f", str(self.conf), "-N", self.node])
-        self._wait(self.node_idle, timeout, "the node to be idle in sinfo", "slurmd")
+        try:
+            self._spawn("munged", [_sbin("munged"), "--foreground", "--force", f"--socket={self.munge_socket}",
+                                   f"--key-file={d / 'munge' / 'munge.key'}", f"--pid-file={d / 'run' / 'munged.pid'}",
+                                   f"--log-file={d / 'log' / 'munged.log'}", f"--seed-file={d / 'munge' / 'seed'}"])
+            self._wait(lambda: self.munge_socket.exists(), 15, "the munged socket", "munged")
+            self._spawn("slurmctld", [_sbin("slurmctld"), "-D", "-i", "-f", str(self.conf)])
+            self._wait(lambda: "UP" in self._run(["scontrol", "ping"]).stdout, timeout, "slurmctld to answer",
+                       "slurmctld")
+            self._spawn("slurmd", [_sbin("slurmd"), "-D", "-f", str(self.conf), "-N", self.node])
+            self._wait(self.node_idle, timeout, "the node to be idle in sinfo", "slurmd")
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def _wait(self, cond, timeout: float, what: str, daemon: str) -> None:
@@ -213,8 +228,7 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
                     return
             except Exception:  # noqa: BLE001 - not up yet
                 pass
-            time.sleep(0.3)
-        self.stop()
+            time.sleep(0.2)
         raise ClusterUnavailable(f"timed out after {timeout:.0f} s waiting for {what}: {self._log_tail(daemon)}")
 
     def _run(self, argv: list[str], timeout: float = 30) -> subprocess.CompletedProcess:
@@ -225,7 +239,16 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
         return p.returncode == 0 and p.stdout.strip().rstrip("*") == "idle"
 
     def stop(self) -> None:
-        """SIGTERM each daemon we started (slurmd, slurmctld, munged), SIGKILL after 15 s."""
+        """Cancel our jobs, then SIGTERM each daemon we started (slurmd, slurmctld, munged) by its
+        PID, SIGKILL after 15 s."""
+        if "slurmctld" in self.procs and self.procs["slurmctld"].poll() is None:
+            try:
+                self._run(["scancel", "--user", pwd.getpwuid(os.getuid()).pw_name], timeout=20)
+                t0 = time.time()
+                while time.time() - t0 < 30 and self._run(["squeue", "-h", "-o", "%T"]).stdout.strip():
+                    time.sleep(0.5)  # squeue lists pending, running and completing jobs
+            except Exception:  # noqa: BLE001 - stopping anyway
+                pass
         for name in ("slurmd", "slurmctld", "munged"):
             p = self.procs.pop(name, None)
             if p is None or p.poll() is not None:

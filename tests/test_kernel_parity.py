@@ -25,7 +25,10 @@ from kernels.ode.model import InfusionTarget
 
 # horizons (model time units) long enough to exercise the dynamics, short enough that chaotic
 # models (Lorenz) do not amplify round-off beyond the tolerance
-HORIZON = {"lorenz": 1.0}
+HORIZON = {"lorenz": 1.0, "circ_0d": 1.0}  # circ_0d: one heart beat (beat events are not applied here)
+# circ_0d's valves switch resistance by ~10^7 at opening/closing: rounding differences move a
+# switch by one step, so the backends agree to the local error target times the valve gain (~1e-7)
+TOL = {"circ_0d": 1e-5}
 DEFAULT_HORIZON = 24.0
 N = 64
 
@@ -68,7 +71,7 @@ def test_cpu_matches_numpy(name, method):
     assert ok.mean() > 0.9, f"{name}: most random patients should integrate ({np.bincount(sa)})"
     scale = np.nanmax(np.abs(a[:, ok]), axis=(1, 2), keepdims=True)
     err = np.abs(a[:, ok] - b[:, ok]) / (np.abs(a[:, ok]) + 1e-6 * scale + 1e-300)
-    assert np.nanmax(err) <= 1e-8, f"{name}/{method}: max scaled difference {np.nanmax(err):.2e}"
+    assert np.nanmax(err) <= TOL.get(name, 1e-8), f"{name}/{method}: max scaled difference {np.nanmax(err):.2e}"
     assert np.isnan(b[:, ~ok]).all()
 
 

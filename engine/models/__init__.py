@@ -5,14 +5,20 @@ from __future__ import annotations
 from kernels.ode.model import InfusionTarget, Model
 
 from ..errors import JobError
-from . import classic, glucose, pkpd_library
+from . import classic, glucose, oncology, pkpd_library
+from . import circulation
 from .pkpd import PK_1CMT, PK_2CMT
 
 # Each library module lists its declarations in MODELS_HERE.
 MODELS: dict[str, Model] = {
-    m.name: m for m in (PK_1CMT, PK_2CMT, *pkpd_library.MODELS_HERE, *glucose.MODELS_HERE, *classic.MODELS_HERE)
+    m.name: m for m in (PK_1CMT, PK_2CMT, *pkpd_library.MODELS_HERE, *glucose.MODELS_HERE, *classic.MODELS_HERE,
+                        *oncology.MODELS_HERE, *circulation.MODELS_HERE)
 }
 
+
+# Events a model needs besides doses, built per chunk: hook(model, P, events, t_end) -> events
+# (circ_0d: one reset of the beat phase per heart beat, with beat lengths from the heart rate).
+EVENT_HOOKS = {**circulation.EVENT_HOOKS}
 
 def get_model(name: str) -> Model:
     try:

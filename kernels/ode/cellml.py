@@ -295,7 +295,7 @@ def import_mmt_mapped(path: str | os.PathLike, *, name: str | None = None,
 
 
 def _find_stimulus(mk, m, protocol, path: Path):
-    """(stimulus variable, Stimulus defaults, constants only the stimulus used)."""
+    """(stimulus variable, Stimulus defaults, variables the translation must not meet: the pace)."""
     time = m.time()
     pace = m.binding("pace")
     ox = {v.meta["oxmeta"]: v for v in m.variables(deep=True) if "oxmeta" in v.meta}
@@ -303,7 +303,8 @@ def _find_stimulus(mk, m, protocol, path: Path):
         users = [v for v in m.variables(deep=True) if v.rhs() is not None and v is not pace
                  and pace in _refs(mk, v.rhs())[0]]
         if len(users) != 1:
-            raise _unsupported("pace used by several variables", ", ".join(u.qname() for u in users))
+            raise _unsupported("stimulus not recognised", f"expected one variable using the pace binding, found "
+                               f"{len(users)}: {', '.join(u.qname() for u in users)}")
         stim = users[0]
         on = float(stim.rhs().eval(subst={pace.lhs(): mk.Number(1.0)}))
         off = float(stim.rhs().eval(subst={pace.lhs(): mk.Number(0.0)}))
@@ -312,10 +313,12 @@ def _find_stimulus(mk, m, protocol, path: Path):
         if protocol is not None and len(list(protocol.events())):
             ev = list(protocol.events())[0]
             level = ev.level()
-            defaults = Stimulus(on * level, ev.duration(), ev.period() or math.inf, ev.start(),
+            period = ev.period() if ev.period() > 0 else 1000.0  # a one-off pulse: 1000 ms as the default
+            defaults = Stimulus(on * level, ev.duration(), period, ev.start(),
                                 f"{stim.qname()} = {stim.rhs().code()} with the file's [[protocol]]")
         else:
-            defaults = Stimulus(on, 0.5, 1000.0, 0.0, f"{stim.qname()} at pace 1; no [[protocol]]: 0.5 ms every 1000 ms")
+            defaults = Stimulus(on, 0.5, 1000.0, 0.0,
+                                f"{stim.qname()} at pace 1; no [[protocol]]: 0.5 ms every 1000 ms")
         extra = {pace}
     else:
         stim = ox.get("membrane_stimulus_current")
@@ -466,8 +469,8 @@ def _translate(mk, m, protocol, path: Path, name, constants, fmt: str) -> CellIm
             if key in overrides:
                 val = float(overrides.pop(key))
         desc = v.meta.get("desc", "") if hasattr(v, "meta") else ""
-        parameters.append(Parameter(nm(v), val, _unit(v), description=f"{fmt} {v.qname()}" + (f": {desc}" if desc else ""),
-                                    positive=False))
+        parameters.append(Parameter(nm(v), val, _unit(v), positive=False,
+                                    description=f"{fmt} {v.qname()}" + (f": {desc}" if desc else "")))
     if overrides:
         raise ValueError(f"constants {sorted(overrides)} are not literal constants of {path.name}")
     t_unit = _unit(time) or "ms"
@@ -486,8 +489,6 @@ def _translate(mk, m, protocol, path: Path, name, constants, fmt: str) -> CellIm
     for v in inters:
         tr.where = v.qname()
         defs[v] = STIM_INPUT if v is stim else tr.expr(v.rhs())
-    for s in dotted:
-        tr.where = f"dot({s.qname()})"
     deps = {v: {w for w in _refs(mk, v.rhs())[0] if w in defs} if v is not stim else set() for v in defs}
     dot_deps = {}
     for v in defs:
@@ -548,11 +549,10 @@ def _translate(mk, m, protocol, path: Path, name, constants, fmt: str) -> CellIm
                 tr.where = f"initial value of {s.qname()}"
                 init = tr.expr(iv)
         desc = s.meta.get("desc", "") if hasattr(s, "meta") else ""
-        state_decl.append(State(nm(s), init, _unit(s), description=f"{fmt} {s.qname()}" + (f": {desc}" if desc else "")))
+        state_decl.append(State(nm(s), init, _unit(s),
+                                description=f"{fmt} {s.qname()}" + (f": {desc}" if desc else "")))
+        tr.where = f"dot({s.qname()})"
         derivatives[nm(s)] = dot_names[s] if s in dot_names else tr.expr(s.rhs())
-    for s in states:
-        if s not in dot_names:
-            tr.where = f"dot({s.qname()})"
 
     # ---- outputs
     outputs = []

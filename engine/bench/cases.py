@@ -1,0 +1,228 @@
+"""Benchmark cases: one `Case` per workload, grouped by family (the unit of throughput).
+
+Families and their units: patients (patients/s), cell-beats (cell-beats/s), node-updates
+(node-updates/s), ligands (ligands/s). Only the patient family is built so far; the others are
+declared as cases without a runner, so the report prints "n/a (not built yet)" rows for them
+instead of numbers. A new family plugs in by adding a `Case` with a `run(ctx)` that returns rows
+of the same schema (see `row()`): ours first, then each peer run in the same process.
+
+The patient-family kernel cases and their peers (SciPy solve_ivp loop, Diffrax, torchdiffeq) are
+the ones of `benchmarks/ensemble.py`, imported from the source tree, not copied.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from . import flops as fl
+
+ROOT = Path(__file__).resolve().parents[2]
+ENSEMBLE = ROOT / "benchmarks" / "ensemble.py"
+
+FAMILIES = {"patients": "patients/s", "cell-beats": "cell-beats/s", "node-updates": "node-updates/s",
+            "ligands": "ligands/s"}
+NOT_BUILT = "n/a (not built yet)"
+
+
+@dataclass
+class Case:
+    family: str
+    name: str
+    title: str
+    run: Callable[["Ctx"], list[dict]] | None = None  # None: the family/case is not built yet
+    peers: tuple[str, ...] = ()  # peers this case is compared with (import names)
+
+    @property
+    def unit(self) -> str:
+        return FAMILIES[self.family]
+
+
+@dataclass
+class Ctx:
+    sizes: dict
+    backend: str
+    threads: int
+    floors: dict | None
+    peers: set[str]
+    log: Callable[[str], None] = print
+    extra: dict = field(default_factory=dict)
+
+
+def peer_version(mod: str) -> str | None:
+    """Version of an installed peer package (from its metadata, without importing it), or None."""
+    if importlib.util.find_spec(mod) is None:
+        return None
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(mod)
+    except PackageNotFoundError:
+        return "installed"
+
+
+_ens = None
+
+
+def ensemble():
+    """benchmarks/ensemble.py as a module (case builders and peer runners), or None outside a checkout."""
+    global _ens
+    if _ens is None and ENSEMBLE.is_file():
+        spec = importlib.util.spec_from_file_location("twin_benchmarks_ensemble", ENSEMBLE)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod
+        spec.loader.exec_module(mod)
+        _ens = mod
+    return _ens
+
+
+def row(case: Case, peer: str, n: int | None, wall: float | None, cpu: float | None = None, **kw) -> dict:
+    r = {"family": case.family, "case": case.name, "title": case.title, "peer": peer, "unit": case.unit,
+         "n": n, "wall_s": wall, "cpu_s": cpu,
+         "throughput": (n / wall) if (n and wall) else None, "status": "ok"}
+    r.update(kw)
+    return r
+
+
+def na_row(case: Case, peer: str, status: str, note: str = "") -> dict:
+    return {"family": case.family, "case": case.name, "title": case.title, "peer": peer, "unit": case.unit,
+            "n": None, "wall_s": None, "cpu_s": None, "throughput": None, "status": status, "note": note}
+
+
+def fraction(gflops: float | None, ai: float | None, floors: dict | None, threads: int) -> dict:
+    """Achieved counted GFLOP/s against the measured roofline for `threads` threads."""
+    if gflops is None or floors is None:
+        return {"floor": None, "fraction_of_floor": None}
+    f, m = floors["flops"], floors["memory"]
+    vec = f.get(f"vector_{threads}t_gflops", f["vector_gflops"] * threads / max(f["threads"], 1))
+    sca = f.get(f"scalar_{threads}t_gflops", f["scalar_gflops"] * threads / max(f["threads"], 1))
+    bw = m["copy_gbs"] if threads > 1 else m["copy_1t_gbs"]
+    balance = vec / bw
+    if ai is not None and ai < balance:  # memory-bound: the floor is bandwidth × intensity
+        return {"floor": f"memory {bw:.1f} GB/s × {ai:.2f} flop/B", "floor_gflops": bw * ai,
+                "fraction_of_floor": gflops / (bw * ai), "fraction_of_scalar_floor": None}
+    return {"floor": f"FLOP/s vector FMA, {threads} thread(s)", "floor_gflops": vec,
+            "fraction_of_floor": gflops / vec, "fraction_of_scalar_floor": gflops / sca}
+
+
+def _bytes_per_patient(case: dict) -> float:
+    P = case["P"]
+    ev = case["events"]
+    n = P.shape[1]
+    ev_b = (ev.time.nbytes + ev.kind.nbytes + ev.target.nbytes + ev.value.nbytes) / max(n, 1)
+    return P.shape[0] * 8 + ev_b + len(case["record"]) * len(case["times"]) * 8 + 1
+
+
+# ---------------------------------------------------------------- patient-family ODE kernel cases
+def _ode_case(name: str, title: str, maker: str, size_key: str) -> Case:
+    c = Case("patients", name, title, peers=("scipy", "diffrax", "torchdiffeq"))
+
+    def run(ctx: Ctx) -> list[dict]:
+        ens = ensemble()
+        if ens is None:
+            return [na_row(c, "twin", "n/a", f"{ENSEMBLE.relative_to(ROOT)} not in this installation")]
+        sz = ctx.sizes["kernels"][size_key]
+        big, n_np, n_sp, n_dx = sz["ours"], sz["numpy"], sz["scipy"], sz["diffrax"]
+        case = getattr(ens, maker)(big)
+        model = case["model"]
+        rows = []
+        # ours, compiled: best of `reps` after one warm-up (C compile is cached on disk)
+        ens.run_ours(case, ctx.backend)
+        best = None
+        for _ in range(ctx.sizes["kernels"]["reps"]):
+            out, w, cpu = ens.run_ours(case, ctx.backend)
+            if best is None or w < best[1]:
+                best = (out, w, cpu)
+        ours, w, cpu = best
+        # ours, NumPy reference on a subset, with RHS evaluations counted
+        sub = {**case, "P": case["P"][:, :n_np], "events": ens._cut(case["events"], n_np)}
+        with fl.count_rhs_evaluations() as cnt:
+            _, w_np, cpu_np = ens.run_ours(sub, "numpy")
+        fpp = fl.flops_per_patient(model, "dopri5", cnt["evals"], n_np)
+        bpp = _bytes_per_patient(case)
+        ai = fpp["flops_per_patient"] / bpp
+        g = fpp["flops_per_patient"] * big / w / 1e9
+        thr = {"cpu": ctx.threads, "numpy": 1}.get(ctx.backend)  # cuda: no GPU floor is measured
+        label = f"twin {ctx.backend} ({thr} thread{'s' if thr != 1 else ''})" if thr else f"twin {ctx.backend}"
+        fr = fraction(g, ai, ctx.floors, thr) if thr else {"floor": "not measured for this device",
+                                                             "fraction_of_floor": None}
+        rows.append(row(c, label, big, w, cpu, ours=True, gflops=g, flops_per_patient=fpp["flops_per_patient"],
+                        arithmetic_intensity=ai, bytes_per_patient=bpp, counting=fpp, **fr))
+        g_np = fpp["flops_per_patient"] * n_np / w_np / 1e9
+        rows.append(row(c, "twin numpy (1 thread, RHS counted)", n_np, w_np, cpu_np, gflops=g_np,
+                        flops_per_patient=fpp["flops_per_patient"], arithmetic_intensity=ai,
+                        **fraction(g_np, ai, ctx.floors, 1)))
+        ours_rate = big / w
+
+        def peer(label, mod, fn, k):
+            if mod not in ctx.peers:
+                rows.append(na_row(c, label, "skipped", "not asked for (--peers)"))
+                return
+            ver = peer_version(mod)
+            if ver is None:
+                rows.append(na_row(c, label, "not installed"))
+                return
+            ctx.log(f"  {c.name}: {label} on {k} patients")
+            try:
+                res, pw, pc = fn(k)
+            except Exception as e:  # noqa: BLE001 - a peer that breaks is reported, not fatal
+                rows.append(na_row(c, f"{label} {ver}", "error", f"{e.__class__.__name__}: {str(e)[:200]}"))
+                return
+            d = ens.agree(ours[:k], np.asarray(res), mod)
+            rows.append(row(c, f"{label} {ver}", k, pw, pc, max_rel_diff=d, ours_speedup=ours_rate / (k / pw)))
+
+        peer("SciPy solve_ivp loop (RK45)", "scipy", lambda k: ens.run_scipy(case, k), n_sp)
+        peer("Diffrax Dopri5 (jax vmap, CPU)", "diffrax", lambda k: ens.run_diffrax(case, k), n_dx)
+        if name == "uva":
+            rows.append(na_row(c, "torchdiffeq dopri5 (batched)", "skipped",
+                               "1440 per-minute odeint restarts: minutes even for a few patients"))
+        else:
+            peer("torchdiffeq dopri5 (batched, CPU)", "torchdiffeq",
+                 lambda k: ens.run_torchdiffeq(case, k, "cpu"), n_dx)
+        for r in rows:
+            r["rtol"], r["atol"] = case["rtol"], case["atol"]
+        return rows
+
+    c.run = run
+    return c
+
+
+def kernel_cases() -> list[Case]:
+    return [
+        _ode_case("lorenz", "Lorenz ensemble (rho spread), t∈[0,1], DOPRI5 rtol=atol=1e-8", "lorenz_case", "lorenz"),
+        _ode_case("pk", "2-cmt oral PK, 14 doses q12h, 169 hourly samples, DOPRI5 rtol 1e-8", "pk_case", "pk"),
+        _ode_case("uva", "UVA/Padova T1D 24 h, simglucose per-minute inputs, DOPRI5 rtol 1e-6", "uva_case", "uva"),
+        # families not built yet: rows say so, no numbers
+        Case("cell-beats", "cardiac_cell", "cardiac cell action potentials (beats)", None, peers=("myokit",)),
+        Case("node-updates", "network", "network / graph model node updates", None),
+        Case("ligands", "docking", "ligand docking", None, peers=("vina",)),
+    ]
+
+
+def run_cases(cases: list[Case], ctx: Ctx) -> list[dict]:
+    rows: list[dict] = []
+    for c in cases:
+        if c.run is None:
+            rows.append(na_row(c, "twin", NOT_BUILT))
+            for p in c.peers:
+                v = peer_version(p)
+                rows.append(na_row(c, p, NOT_BUILT,
+                                   f"{p} {v} installed; runs here once the family exists" if v else f"{p} not installed"))
+            continue
+        t = time.perf_counter()
+        ctx.log(f"kernels: {c.name}")
+        try:
+            rows += c.run(ctx)
+        except Exception as e:  # noqa: BLE001 - one case failing keeps the others
+            import traceback
+
+            traceback.print_exc()
+            rows.append(na_row(c, "twin", "error", f"{e.__class__.__name__}: {str(e)[:200]}"))
+        ctx.log(f"kernels: {c.name} done in {time.perf_counter() - t:.1f} s")
+    return rows
