@@ -12,7 +12,7 @@ endo, TP06 epi. Protocol: the files' own stimulus (0.5 ms at 2x threshold, offse
 stimulus and every 0.1 ms after, biomarkers from engine.pacing.beat_biomarkers. Myokit runs the
 same protocol in the same process (Simulation, CVODES, default tolerances abs 1e-6 / rel 1e-4),
 its last beat sampled on the same grid and measured by the same function. Reference APD90 values
-are the shared Myokit measurements (/work/shared/data/cardiac/measurements, copied figures below).
+are the shared Myokit measurements (copied figures below; origin in tests/data/cardiac/SOURCES.md).
 
 CPU time is process time (all threads) per cell-beat; with --cells N the N cells are identical
 copies (throughput, OpenMP over cells).

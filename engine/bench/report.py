@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from .flops import RULES
 
 
@@ -83,7 +85,7 @@ def markdown(res: dict) -> str:
                 f"({e['counting']['flops_per_patient'] / 1e6:.3f} MFLOP/patient on its first {e['counting']['counted_on_patients']} patients).", ""]
     if "scaling" in res:
         s = res["scaling"]
-        out += [f"**MPI scaling** (`{s.get('launcher')} -n K twin run`, {s['threads_per_rank']} OpenMP thread(s) "
+        out += [f"**MPI scaling** (`{os.path.basename(str(s.get('launcher')).split()[0])} -n K twin run`, {s['threads_per_rank']} OpenMP thread(s) "
                 f"per rank, {s['local_cores']} local cores, backend {s['backend']}, chunks of {s['chunk_size']})", ""]
         if s.get("skipped"):
             out += [f"skipped: {s['skipped']}", ""]
