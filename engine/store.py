@@ -34,10 +34,13 @@ import logging
 import os
 import re
 import socket
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator
 
 import h5py
+from h5py import h5d, h5p, h5s, h5t
 import numpy as np
 
 from .errors import StoreError
@@ -125,14 +128,19 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[n:]
 
 
-def chunk_sha256(layout: Layout, arrays: dict[str, np.ndarray]) -> str:
-    """sha256 over the chunk's arrays in layout order (the raw bytes of each array)."""
-    h = hashlib.sha256()
+def _array_bytes(layout: Layout, arrays: dict[str, np.ndarray]) -> Iterator[memoryview]:
     for v in layout.vars:
         a = np.ascontiguousarray(arrays[v.path])
         if a.dtype != np.dtype(v.dtype):
             a = a.astype(np.dtype(v.dtype))
-        h.update(a.tobytes())
+        yield memoryview(a.reshape(-1)).cast("B")  # the raw bytes, no copy
+
+
+def chunk_sha256(layout: Layout, arrays: dict[str, np.ndarray]) -> str:
+    """sha256 over the chunk's arrays in layout order (the raw bytes of each array)."""
+    h = hashlib.sha256()
+    for b in _array_bytes(layout, arrays):
+        h.update(b)
     return h.hexdigest()
 
 
@@ -336,18 +344,35 @@ class RunLock:
 
 # ------------------------------------------------------------------------------------ writer
 class ShardWriter:
-    """Writes the chunks of one (attempt, rank) into its own shard and journal."""
+    """Writes the chunks of one (attempt, rank) into its own shard and journal.
 
-    def __init__(self, run_dir: str | Path, attempt: int, rank: int, layout: Layout):
+    Group commit: chunks are written to the shard as they come; the shard fsync, their journal
+    lines and the journal fsync happen once per `commit_bytes` of data or once `commit_seconds`
+    have passed since the last commit (checked at each write, so a chunk that took longer than
+    that to compute is committed at once), and at close. Each journal line still follows its
+    chunk's fsync'ed data, so a kill loses at most the uncommitted group, which resume
+    recomputes. Two fsyncs per chunk made the store 3-4x slower than a raw write of the same
+    bytes (benchmarks/RESULTS.md). The SHA-256 of a chunk runs in a worker thread (hashlib
+    releases the GIL) while HDF5 writes it and the next chunk is computed; the writer holds the
+    chunk's arrays until its commit. ``commit_bytes=0`` commits every chunk."""
+
+    _hasher = ThreadPoolExecutor(1, thread_name_prefix="twin-sha256")
+
+    def __init__(self, run_dir: str | Path, attempt: int, rank: int, layout: Layout,
+                 commit_bytes: int = 64_000_000, commit_seconds: float = 1.0):
         self.run_dir = Path(run_dir)
         self.attempt = int(attempt)
         self.rank = int(rank)
         self.layout = layout
+        self.commit_bytes = int(commit_bytes)
+        self.commit_seconds = float(commit_seconds)
         self.shard_rel = shard_relpath(self.attempt, self.rank)
         self.journal_rel = journal_relpath(self.attempt, self.rank)
         self._h5: h5py.File | None = None
         self._jfd: int | None = None
         self._journaled: set[int] = set()
+        self._pending: list[tuple[dict, Future]] = []
+        self._pending_bytes = 0
         for sub in (SHARD_DIR, JOURNAL_DIR):
             (self.run_dir / sub).mkdir(parents=True, exist_ok=True)
         path = self.run_dir / self.shard_rel
@@ -361,52 +386,85 @@ class ShardWriter:
         os.fsync(self._fd)
         _fsync_dir(self.run_dir / SHARD_DIR)
         _fsync_dir(self.run_dir / JOURNAL_DIR)
+        # one dataset-creation property list for every dataset: h5py's high-level create_dataset
+        # costs ~60 us of bookkeeping per dataset, as much as writing a 1,000-patient chunk
+        self._dcpl = h5p.create(h5p.DATASET_CREATE)
+        self._dcpl.set_obj_track_times(False)  # as create_dataset does: identical bytes per run
+        self._last_commit = time.monotonic()
 
-    # the three steps of write_chunk, separate so tests can stop a process between them
+    # the three steps of a chunk's write, separate so tests can stop a process between them
     def _write_data(self, chunk_id: int, arrays: dict[str, np.ndarray]) -> None:
         gname = chunk_group(chunk_id)
         if gname in self._h5:  # an earlier write of this chunk failed before its journal line
             del self._h5[gname]
         g = self._h5.create_group(gname)
         for v in self.layout.vars:
-            g.create_dataset(v.path, data=arrays[v.path])
+            a = np.ascontiguousarray(arrays[v.path], dtype=np.dtype(v.dtype))
+            parent, _, name = v.path.rpartition("/")
+            where = g.require_group(parent) if parent else g
+            ds = h5d.create(where.id, name.encode("utf-8"), h5t.py_create(a.dtype, logical=1),
+                            h5s.create_simple(a.shape), dcpl=self._dcpl)
+            if a.size:
+                ds.write(h5s.ALL, h5s.ALL, a)
 
     def _sync(self) -> None:
         self._h5.flush()
         os.fsync(self._fd)
 
     def _append_journal(self, entry: dict) -> None:
-        line = json.dumps(entry, separators=(",", ":")) + "\n"
-        _write_all(self._jfd, line.encode("utf-8"))
+        self._append_lines([entry])
+
+    def _append_lines(self, entries: list[dict]) -> None:
+        text = "".join(json.dumps(e, separators=(",", ":")) + "\n" for e in entries)
+        _write_all(self._jfd, text.encode("utf-8"))
         os.fsync(self._jfd)
 
     def write_chunk(self, chunk_id: int, arrays: dict[str, np.ndarray]) -> dict:
-        """Write one chunk durably and journal it; returns the journal entry."""
+        """Write one chunk and queue its journal entry (committed per group, see the class).
+
+        Returns the journal entry; its "sha256" is filled in at commit (at the latest on close)."""
         if self._h5 is None:
             raise ValueError("ShardWriter is closed")
         lo, hi = validate_chunk(self.layout, chunk_id, arrays)
         chunk_id = int(chunk_id)
-        if chunk_id in self._journaled:
+        if chunk_id in self._journaled or any(e["chunk"] == chunk_id for e, _ in self._pending):
             raise ValueError(f"chunk {chunk_id} was already written by this writer")
-        digest = chunk_sha256(self.layout, arrays)
+        # hashed in the worker while HDF5 writes and the caller computes the next chunk; the
+        # caller must not modify `arrays` afterwards (the runner never does: each chunk is new)
+        hashing = self._hasher.submit(chunk_sha256, self.layout, arrays)
         self._write_data(chunk_id, arrays)
-        self._sync()
         n_failed = int(np.count_nonzero(arrays["status"])) if "status" in arrays else 0
         entry = {
             "chunk": chunk_id,
             "start": int(lo),
             "stop": int(hi),
             "shard": self.shard_rel,
-            "sha256": digest,
+            "sha256": None,
             "n_failed": n_failed,
         }
-        self._append_journal(entry)
-        self._journaled.add(chunk_id)
+        self._pending.append((entry, hashing))
+        self._pending_bytes += sum(np.asarray(a).nbytes for a in arrays.values())
+        if (self._pending_bytes >= self.commit_bytes
+                or time.monotonic() - self._last_commit >= self.commit_seconds):
+            self.commit()
         return entry
+
+    def commit(self) -> None:
+        """Make every chunk written so far durable and journal it."""
+        if self._pending:
+            self._sync()
+            entries = [e for e, _ in self._pending]
+            for e, hashing in self._pending:
+                e["sha256"] = hashing.result()
+            self._append_lines(entries)
+            self._journaled.update(e["chunk"] for e in entries)
+            self._pending, self._pending_bytes = [], 0
+        self._last_commit = time.monotonic()
 
     def close(self) -> None:
         if self._h5 is not None:
             try:
+                self.commit()
                 self._h5.flush()
                 os.fsync(self._fd)
             finally:

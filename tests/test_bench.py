@@ -96,7 +96,7 @@ def test_scaling(smoke):
 def test_io(smoke):
     io = smoke[1]["io"]
     r = io["results"][0]
-    for k in ("engine", "raw_dd", "raw_sync", "proposed"):
+    for k in ("engine", "engine_per_chunk", "raw_dd", "raw_sync"):
         assert _pos(r["mbs"][k]), k
     assert _pos(r["ratio_raw_dd_over_engine"]) and _pos(r["sha256_mbs"]) and _pos(r["engine_file_mb"])
     assert isinstance(io["within_2x_engine"], bool)
@@ -129,9 +129,10 @@ def test_run_phase_from_logs(tmp_path):
     assert run_phase_seconds(tmp_path) == pytest.approx(2.85)
 
 
-@pytest.mark.parametrize("cls", ["ProposedShardWriter", "GroupCommitShardWriter"])
-def test_proposed_writers_keep_the_store_contract(tmp_path, cls):
-    """The IO prototypes write what the engine writes: same digests, and resume verifies every chunk."""
+@pytest.mark.parametrize("policy", [{}, {"commit_bytes": 0}])
+def test_benchmarked_writer_policies_keep_the_store_contract(tmp_path, policy):
+    """Both commit policies the IO benchmark times store the same data and digests, and resume
+    verifies every chunk."""
     import h5py
     import numpy as np
 
@@ -145,7 +146,7 @@ def test_proposed_writers_keep_the_store_contract(tmp_path, cls):
     lay = Layout(40, lay0.time, lay0.time_units, lay0.vars, 10)
     run_dir = tmp_path / "run"
     a = store.init_run_dir(run_dir, {"layout": store.layout_manifest(lay)})
-    with getattr(bio, cls)(run_dir, a, 0, lay) as w:
+    with store.ShardWriter(run_dir, a, 0, lay, **policy) as w:
         for c in range(4):
             w.write_chunk(c, chunks[c])
     done = store.done_chunks(run_dir, lay)

@@ -285,11 +285,18 @@ CHILD = textwrap.dedent(
     from engine import store
     run, attempt, k, mode = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
     lay = t.make_layout()
-    w = store.ShardWriter(run, attempt, 0, lay)
+    if mode == "uncommitted_group":  # group commit: only an explicit commit makes chunks durable
+        w = store.ShardWriter(run, attempt, 0, lay, commit_bytes=10**12, commit_seconds=3600)
+    else:                            # commit every chunk, so the kill lands between known steps
+        w = store.ShardWriter(run, attempt, 0, lay, commit_bytes=0)
     for c in range(k):
         w.write_chunk(c, t.make_arrays(lay, c))
+    w.commit()
     arrays = t.make_arrays(lay, k)
-    if mode == "mid_data":          # killed while creating the chunk's datasets
+    if mode == "uncommitted_group":  # written and flushed to the file, not yet committed
+        w.write_chunk(k, arrays)
+        w._sync()
+    elif mode == "mid_data":          # killed while creating the chunk's datasets
         g = w._h5.create_group(store.chunk_group(k))
         g.create_dataset("C", data=arrays["C"])
         g.create_dataset("status", shape=arrays["status"].shape, dtype="i1")
@@ -315,7 +322,8 @@ def run_killed_writer(run: Path, attempt: int, k: int, mode: str) -> None:
     assert r.returncode == -signal.SIGKILL, r.stderr
 
 
-@pytest.mark.parametrize("mode", ["between_chunks", "mid_data", "before_journal", "torn_journal"])
+@pytest.mark.parametrize("mode", ["between_chunks", "mid_data", "before_journal", "torn_journal",
+                                  "uncommitted_group"])
 def test_kill_9_then_resume(tmp_path, mode, caplog):
     lay = make_layout()
     run = tmp_path / "run"
@@ -432,3 +440,25 @@ def test_run_lock(tmp_path):
         assert r.returncode != 0 and "is in use by twin run pid" in r.stderr
     with store.RunLock(tmp_path):  # released: can be taken again
         pass
+
+
+def test_group_commit_journals_only_durable_chunks(tmp_path):
+    """Chunks written inside a group are journaled together at commit; a slow chunk commits at once."""
+    lay = make_layout()
+    a = store.init_run_dir(tmp_path, manifest(lay))
+    w = store.ShardWriter(tmp_path, a, 0, lay, commit_bytes=10**12, commit_seconds=3600)
+    w.write_chunk(0, make_arrays(lay, 0))
+    w.write_chunk(1, make_arrays(lay, 1))
+    assert store.done_chunks(tmp_path, lay) == {}  # written, not committed: resume would redo them
+    w.commit()
+    assert sorted(store.done_chunks(tmp_path, lay)) == [0, 1]
+    w.commit_seconds = 0.0  # every write is "late": committed immediately
+    w.write_chunk(2, make_arrays(lay, 2))
+    assert sorted(store.done_chunks(tmp_path, lay)) == [0, 1, 2]
+    w.commit_seconds, w.commit_bytes = 3600, 1  # one chunk exceeds the byte budget
+    w.write_chunk(3, make_arrays(lay, 3))
+    done = store.done_chunks(tmp_path, lay)
+    w.close()
+    assert sorted(done) == [0, 1, 2, 3]
+    for c in range(4):
+        assert done[c]["sha256"] == store.chunk_sha256(lay, make_arrays(lay, c))

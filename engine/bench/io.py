@@ -4,28 +4,24 @@ Chunks have the benchmark job's real layout (C and E patient × 169 float64, sta
 covariates and parameters, biomarkers), filled with random numbers. In the same directory, with
 the same total bytes (the arrays' payload), interleaved repetitions, median reported:
 
-  engine      ShardWriter.write_chunk per chunk: validate, SHA-256 of the arrays, HDF5 datasets,
-              flush + fsync of the shard, journal line + fsync (2 fsyncs per chunk)
-  raw_dd      os.write of each chunk's bytes, one fsync at the end   (dd bs=CHUNK conv=fsync)
-  raw_sync    os.write + fsync per chunk                              (dd bs=CHUNK oflag=dsync)
-  proposed    proposed engine change A: the engine's steps with the SHA-256 computed in a second
-              thread while the HDF5 write and its fsync run (hashlib releases the GIL)
-  group       proposed change B: A + group commit (one shard fsync + journal fsync per 64 MB) +
-              datasets written with h5py's low-level API
-  sha256      hashing the same arrays in memory, no IO (what the engine pays that dd does not)
+  engine            the engine's ShardWriter as `twin run` uses it: per chunk validate, SHA-256 of
+                    the arrays (in a second thread, during the HDF5 write), HDF5 datasets; per
+                    group (64 MB or 1 s) flush + fsync of the shard, journal lines + fsync; close
+  engine_per_chunk  the same writer committing every chunk (2 fsyncs per chunk), the policy the
+                    engine had before group commit
+  raw_dd            os.write of each chunk's bytes, one fsync at the end (dd bs=CHUNK conv=fsync)
+  raw_sync          os.write + fsync per chunk                            (dd bs=CHUNK oflag=dsync)
+  sha256            hashing the same arrays in memory, no IO (what the engine pays that dd does not)
 
 MB/s = payload bytes / wall time, 1 MB = 1e6 bytes.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 import statistics
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -63,101 +59,14 @@ def synth_chunks(layout: Layout, rows: int, k: int = 2, seed: int = 0) -> list[d
     return out
 
 
-def _sha_nocopy(layout: Layout, arrays: dict) -> str:
-    h = hashlib.sha256()
-    for v in layout.vars:
-        a = np.ascontiguousarray(arrays[v.path])
-        if a.dtype != np.dtype(v.dtype):
-            a = a.astype(np.dtype(v.dtype))
-        h.update(memoryview(a).cast("B"))
-    return h.hexdigest()
-
-
-class ProposedShardWriter(store.ShardWriter):
-    """Prototype of proposed engine changes, measured beside the engine's writer.
-
-    A (commit_bytes = 0): the SHA-256 of a chunk is computed in a worker thread while HDF5 writes
-    it and the shard is fsync'ed (hashlib releases the GIL), hashing the arrays without the copy
-    `tobytes()` makes. Same files, same journal entries, same guarantee: a journal line is written
-    only after its chunk's data is fsync'ed.
-    B (commit_bytes > 0): also group commit: chunks are written as they come, and the shard fsync +
-    journal lines + journal fsync happen once per `commit_bytes` of data (and at close). Same
-    guarantee per journal line; a crash loses at most the uncommitted group, which resume
-    recomputes."""
-
-    _pool = ThreadPoolExecutor(1, thread_name_prefix="twin-sha")
-    commit_bytes = 0
-
-    def __init__(self, *a, **kw):
-        super().__init__(*a, **kw)
-        self._pending: list = []
-        self._pending_bytes = 0
-
-    def write_chunk(self, chunk_id, arrays):
-        lo, hi = store.validate_chunk(self.layout, chunk_id, arrays)
-        chunk_id = int(chunk_id)
-        fut = self._pool.submit(_sha_nocopy, self.layout, arrays)
-        self._write_data(chunk_id, arrays)
-        n_failed = int(np.count_nonzero(arrays["status"])) if "status" in arrays else 0
-        entry = {"chunk": chunk_id, "start": int(lo), "stop": int(hi), "shard": self.shard_rel,
-                 "sha256": None, "n_failed": n_failed}
-        self._pending.append((entry, fut))
-        self._pending_bytes += sum(a.nbytes for a in arrays.values())
-        if self._pending_bytes >= self.commit_bytes:
-            self._commit()
-        return entry
-
-    def _commit(self) -> None:
-        if not self._pending:
-            return
-        self._sync()
-        lines = []
-        for entry, fut in self._pending:
-            entry["sha256"] = fut.result()
-            lines.append(json.dumps(entry, separators=(",", ":")) + "\n")
-            self._journaled.add(entry["chunk"])
-        store._write_all(self._jfd, "".join(lines).encode("utf-8"))
-        os.fsync(self._jfd)
-        self._pending, self._pending_bytes = [], 0
-
-    def close(self) -> None:
-        if self._h5 is not None:
-            self._commit()
-        super().close()
-
-
-class GroupCommitShardWriter(ProposedShardWriter):
-    """B: A + group commit every 64 MB + datasets made with h5py's low-level API (h5d.create and
-    write with one reused creation property list): the same datasets, without the high-level
-    `create_dataset` bookkeeping that costs ~60 µs per dataset (19 datasets per chunk here)."""
-
-    commit_bytes = 64_000_000
-
-    def _write_data(self, chunk_id, arrays):
-        from h5py import h5d, h5p, h5s, h5t
-
-        gname = store.chunk_group(chunk_id)
-        if gname in self._h5:
-            del self._h5[gname]
-        g = self._h5.create_group(gname)
-        dcpl = h5p.create(h5p.DATASET_CREATE)
-        dcpl.set_obj_track_times(False)  # as h5py's create_dataset does
-        for v in self.layout.vars:
-            a = np.ascontiguousarray(arrays[v.path], dtype=np.dtype(v.dtype))
-            parent, _, name = v.path.rpartition("/")
-            where = g.require_group(parent) if parent else g
-            ds = h5d.create(where.id, name.encode("utf-8"), h5t.py_create(a.dtype, logical=1),
-                            h5s.create_simple(a.shape), dcpl=dcpl)
-            ds.write(h5s.ALL, h5s.ALL, a)
-
-
-def _writer(cls, d: Path, layout: Layout, chunks, n: int) -> float:
+def _writer(d: Path, layout: Layout, chunks, n: int, **policy) -> float:
+    """Seconds to write n chunks with the engine's ShardWriter, close (final commit) included."""
     a = store.init_run_dir(d, {"layout": store.layout_manifest(layout)})
-    with cls(d, a, 0, layout) as w:
-        t = time.perf_counter()
+    t = time.perf_counter()
+    with store.ShardWriter(d, a, 0, layout, **policy) as w:
         for c in range(n):
             w.write_chunk(c, chunks[c % len(chunks)])
-        return time.perf_counter() - t
+    return time.perf_counter() - t
 
 
 def _breakdown(d: Path, layout: Layout, chunks, n: int) -> dict | None:
@@ -167,7 +76,7 @@ def _breakdown(d: Path, layout: Layout, chunks, n: int) -> dict | None:
         return None  # the writer's steps changed: no breakdown
     a = store.init_run_dir(d, {"layout": store.layout_manifest(layout)})
     t = dict.fromkeys(("sha256", "hdf5_write", "flush_fsync_shard", "journal_fsync"), 0.0)
-    with w0(d, a, 0, layout) as w:
+    with w0(d, a, 0, layout, commit_bytes=0) as w:
         for c in range(n):
             arrays = chunks[c % len(chunks)]
             t0 = time.perf_counter()
@@ -213,7 +122,7 @@ def measure(work: Path, job_path: Path, chunk_rows: list[int], total_mb: float, 
         nbytes = n * per_chunk
         bufs = [[memoryview(np.ascontiguousarray(ch[v.path])).cast("B") for v in lay.vars] for ch in chunks]
         log(f"io: {n} chunks of {rows} patients ({per_chunk / 1e6:.2f} MB each, {nbytes / 1e6:.0f} MB), {reps} reps")
-        times: dict[str, list[float]] = {k: [] for k in ("engine", "raw_dd", "raw_sync", "proposed", "group")}
+        times: dict[str, list[float]] = {k: [] for k in ("engine", "engine_per_chunk", "raw_dd", "raw_sync")}
         file_bytes = None
         # warm-up: first writes to a fresh directory are slower on some file systems
         _raw(work / "warm.bin", bufs, min(n, 4), False)
@@ -223,12 +132,10 @@ def measure(work: Path, job_path: Path, chunk_rows: list[int], total_mb: float, 
                 shutil.rmtree(d, ignore_errors=True)
                 d.mkdir(parents=True)
                 if kind == "engine":
-                    times[kind].append(_writer(store.ShardWriter, d, lay, chunks, n))
+                    times[kind].append(_writer(d, lay, chunks, n))
                     file_bytes = sum(p.stat().st_size for p in (d / "shards").iterdir())
-                elif kind == "proposed":
-                    times[kind].append(_writer(ProposedShardWriter, d, lay, chunks, n))
-                elif kind == "group":
-                    times[kind].append(_writer(GroupCommitShardWriter, d, lay, chunks, n))
+                elif kind == "engine_per_chunk":
+                    times[kind].append(_writer(d, lay, chunks, n, commit_bytes=0))
                 else:
                     times[kind].append(_raw(d / "raw.bin", bufs, n, kind == "raw_sync"))
                 shutil.rmtree(d, ignore_errors=True)
@@ -254,15 +161,12 @@ def measure(work: Path, job_path: Path, chunk_rows: list[int], total_mb: float, 
             "sha256_ms_per_chunk": 1e3 * min(sha), "sha256_mbs": per_chunk / min(sha) / 1e6,
             "ratio_raw_dd_over_engine": mbs["raw_dd"] / mbs["engine"],
             "ratio_raw_sync_over_engine": mbs["raw_sync"] / mbs["engine"],
-            "ratio_raw_dd_over_proposed": mbs["raw_dd"] / mbs["proposed"],
-            "ratio_raw_dd_over_group": mbs["raw_dd"] / mbs["group"],
+            "ratio_raw_dd_over_engine_per_chunk": mbs["raw_dd"] / mbs["engine_per_chunk"],
         })
     shutil.rmtree(work, ignore_errors=True)
     head = results[0]
     return {"method": __doc__.split("\n\n", 1)[1].strip(), "directory": str(work.parent),
             "results": results,
             "within_2x_engine": all(r["ratio_raw_dd_over_engine"] <= 2.0 for r in results),
-            "within_2x_proposed": all(r["ratio_raw_dd_over_proposed"] <= 2.0 for r in results),
-            "within_2x_group": all(r["ratio_raw_dd_over_group"] <= 2.0 for r in results),
             "headline": {"chunk_patients": head["chunk_patients"], "engine_mbs": head["mbs"]["engine"],
                          "raw_dd_mbs": head["mbs"]["raw_dd"], "ratio": head["ratio_raw_dd_over_engine"]}}

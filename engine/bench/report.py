@@ -104,30 +104,26 @@ def markdown(res: dict) -> str:
         io = res["io"]
         out += ["**HDF5 write vs raw write** (same bytes, same directory, median of interleaved repetitions; "
                 "ratio = raw dd MB/s ÷ writer MB/s)", "",
-                "| chunk | chunks × MB | engine write_chunk | raw dd (1 fsync) | raw + fsync per chunk | "
-                "**raw dd ÷ engine** | proposed A: SHA-256 overlapped | raw dd ÷ A | proposed B: A + group commit + low-level h5d | "
-                "raw dd ÷ B | SHA-256 alone |",
-                "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                "| chunk | chunks × MB | engine (group commit) | raw dd (1 fsync) | **raw dd ÷ engine** | "
+                "engine, commit per chunk | raw dd ÷ per chunk | raw + fsync per chunk | SHA-256 alone |",
+                "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in io["results"]:
             b = r["mbs"]
             out.append(f"| {r['chunk_patients']:,} patients | {r['chunks']} × {r['chunk_mb']:.2f} | {b['engine']:.0f} MB/s | "
-                       f"{b['raw_dd']:.0f} MB/s | {b['raw_sync']:.0f} MB/s | **{r['ratio_raw_dd_over_engine']:.2f}×** | "
-                       f"{b['proposed']:.0f} MB/s | {r['ratio_raw_dd_over_proposed']:.2f}× | "
-                       f"{b['group']:.0f} MB/s | {r['ratio_raw_dd_over_group']:.2f}× | "
-                       f"{r['sha256_mbs']:.0f} MB/s ({r['sha256_ms_per_chunk']:.1f} ms/chunk) |")
-        out += ["", "engine = validate + SHA-256 + HDF5 datasets + fsync(shard) + journal line + fsync(journal); "
-                    "raw dd = os.write per chunk, one fsync at the end (dd conv=fsync); raw + fsync = one fsync per "
-                    "chunk (dd oflag=dsync); A = the engine's steps with SHA-256 hashed (without a copy) in a second "
-                    "thread during the HDF5 write and its fsync; B = A with one shard fsync + journal fsync per 64 MB "
-                    "(group commit) and the datasets made with h5py's low-level h5d.create/write. A and B are "
-                    "prototypes in engine/bench/io.py, not in the engine.", ""]
+                       f"{b['raw_dd']:.0f} MB/s | **{r['ratio_raw_dd_over_engine']:.2f}×** | "
+                       f"{b['engine_per_chunk']:.0f} MB/s | {r['ratio_raw_dd_over_engine_per_chunk']:.2f}× | "
+                       f"{b['raw_sync']:.0f} MB/s | {r['sha256_mbs']:.0f} MB/s ({r['sha256_ms_per_chunk']:.1f} ms/chunk) |")
+        out += ["", "engine = ShardWriter as `twin run` uses it: validate + SHA-256 (second thread, during the HDF5 "
+                    "write) + HDF5 datasets per chunk, shard fsync + journal lines + journal fsync per group (64 MB or "
+                    "1 s), close; commit per chunk = the same writer with two fsyncs per chunk; raw dd = os.write per "
+                    "chunk, one fsync at the end (dd conv=fsync); raw + fsync = one fsync per chunk (dd oflag=dsync).", ""]
         for r in io["results"]:
             b = r.get("engine_breakdown_ms_per_chunk")
             if b:
-                out.append(f"Where the engine's time goes, {r['chunk_patients']:,}-patient chunks "
+                out.append(f"Where the time of a per-chunk commit goes, {r['chunk_patients']:,}-patient chunks "
                            f"({r['n_datasets_per_chunk']} datasets, {r['chunk_mb']:.2f} MB), ms per chunk: "
                            + ", ".join(f"{k} {v:.2f}" for k, v in b.items())
-                           + f"; total {r['ms_per_chunk']['engine']:.2f} vs raw dd {r['ms_per_chunk']['raw_dd']:.2f}.")
+                           + f"; engine total {r['ms_per_chunk']['engine']:.2f} vs raw dd {r['ms_per_chunk']['raw_dd']:.2f}.")
         out.append("")
     return "\n".join(out)
 
@@ -148,6 +144,6 @@ def _headlines(res: dict) -> list[str]:
         r = io["results"][0]
         h.append(f"IO: engine {r['mbs']['engine']:.0f} MB/s vs raw dd {r['mbs']['raw_dd']:.0f} MB/s = "
                  f"{r['ratio_raw_dd_over_engine']:.2f}× ({'within' if r['ratio_raw_dd_over_engine'] <= 2 else 'NOT within'} 2×) "
-                 f"at {r['chunk_patients']:,}-patient chunks; proposed A {r['ratio_raw_dd_over_proposed']:.2f}×, "
-                 f"B {r['ratio_raw_dd_over_group']:.2f}×")
+                 f"at {r['chunk_patients']:,}-patient chunks (commit per chunk: "
+                 f"{r['ratio_raw_dd_over_engine_per_chunk']:.2f}×)")
     return [f"**Headlines:** {'; '.join(h)}.", ""] if h else []
