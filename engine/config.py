@@ -7,6 +7,7 @@ rejected. Nothing in a job file is evaluated: only numbers, strings and lists ar
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import tomllib
 from pathlib import Path
@@ -495,6 +496,11 @@ class LoadedJob:
         self.text = text
         self.path = path
         self.sha256 = hashlib.sha256(text.encode()).hexdigest()
+        # what resume compares: the validated job without its [slurm] resources, so a comment,
+        # key order or a new sbatch time limit does not stop a run from resuming (provenance
+        # still records the exact text and its sha256)
+        science = job.model_dump(mode="json", exclude={"slurm"})
+        self.fingerprint = hashlib.sha256(json.dumps(science, sort_keys=True).encode()).hexdigest()
 
     @property
     def base_dir(self) -> Path:

@@ -228,7 +228,7 @@ def manifest(plan: Plan) -> dict:
     return {
         "format": "twin-run/1",
         "job_name": plan.job.job.name,
-        "job_sha256": plan.loaded.sha256,
+        "job_fingerprint": plan.loaded.fingerprint,
         "cohort_fingerprint": plan.cohort.fingerprint(),
         "n_patients": lay.n_patients,
         "chunk_size": lay.chunk_size,

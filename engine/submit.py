@@ -271,10 +271,10 @@ def check_run_dir(run_dir: Path, job: LoadedJob) -> None:
             m = store.load_manifest(run_dir)
         except StoreError:
             return  # twin run says what is wrong with it
-        if m.get("job_sha256") not in (None, job.sha256):
-            raise TwinError(f"run directory {run_dir} holds another job (sha256 {str(m.get('job_sha256'))[:16]}…, "
-                            f"this one is {job.sha256[:16]}…): use another -o, or the job file it was run with "
-                            "(note: [slurm] is part of the job text; change resources on the command line)")
+        if m.get("job_fingerprint") not in (None, job.fingerprint):
+            raise TwinError(f"run directory {run_dir} holds another job (fingerprint "
+                            f"{str(m.get('job_fingerprint'))[:16]}…, this one is {job.fingerprint[:16]}…): use "
+                            "another -o, or the job file it was run with ([slurm] resources and comments may differ)")
 
 
 def submit(sub: Submission, sbatch: str = "sbatch") -> str:
@@ -342,7 +342,7 @@ def run_status(run_dir: str | Path) -> dict:
                     first[c] = e
                     by_attempt[attempt] = by_attempt.get(attempt, 0) + 1
         out.update({
-            "job_name": m.get("job_name"), "job_sha256": m.get("job_sha256"), "n_patients": n, "chunk_size": cs,
+            "job_name": m.get("job_name"), "job_fingerprint": m.get("job_fingerprint"), "n_patients": n, "chunk_size": cs,
             "chunks": n_chunks, "done": len(first), "remaining": n_chunks - len(first),
             "failed_patients": int(sum(int(e.get("n_failed", 0)) for e in first.values())),
             "done_patients": int(sum(e["stop"] - e["start"] for e in first.values())),
@@ -503,7 +503,7 @@ def format_status(res: dict) -> str:
                              + ("complete" if j["complete"] else "not complete"))
     else:
         if res["started"]:
-            lines.append(f"{res['run_dir']}: job {res['job_name']} (sha256 {str(res['job_sha256'])[:16]}…), "
+            lines.append(f"{res['run_dir']}: job {res['job_name']} (fingerprint {str(res['job_fingerprint'])[:16]}…), "
                          f"{res['n_patients']} patients in {res['chunks']} chunks of {res['chunk_size']}")
         else:
             lines.append(f"{res['run_dir']}:")

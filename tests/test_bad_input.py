@@ -753,12 +753,12 @@ def _read_all(master: Path) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("change,must", [
-    pytest.param(("seed = 7\n", "seed = 8\n"), ["job_sha256", "differs"], id="different_seed"),
-    pytest.param(("size = 10\n", "size = 11\n"), ["job_sha256", "n_patients (10 in run.json, 11 now)"],
+    pytest.param(("seed = 7\n", "seed = 8\n"), ["job_fingerprint", "differs"], id="different_seed"),
+    pytest.param(("size = 10\n", "size = 11\n"), ["job_fingerprint", "n_patients (10 in run.json, 11 now)"],
                  id="different_size"),
-    pytest.param(("times = [0.0, 1.0, 2.0, 6.0, 12.0, 24.0]", "times = [0.0, 1.0]"), ["job_sha256", "n_times"],
+    pytest.param(("times = [0.0, 1.0, 2.0, 6.0, 12.0, 24.0]", "times = [0.0, 1.0]"), ["job_fingerprint", "n_times"],
                  id="different_times"),
-    pytest.param(("CL = 4.0\n", "CL = 4.5\n"), ["job_sha256", "cohort_fingerprint"], id="different_typical_CL"),
+    pytest.param(("CL = 4.0\n", "CL = 4.5\n"), ["job_fingerprint", "cohort_fingerprint"], id="different_typical_CL"),
 ])
 def test_resume_with_different_job(clean_run, tmp_path, change, must):
     run = _copy_run(clean_run, tmp_path)
@@ -766,6 +766,24 @@ def test_resume_with_different_job(clean_run, tmp_path, change, must):
     p.write_text(edit(RUN_JOB, change))
     r = run_twin("run", p, "-o", run, "-q", cwd=tmp_path)
     assert_one_line_error(r.returncode, r.stderr, [str(run), *must])
+
+
+def test_resume_ignores_comments_and_slurm_resources(clean_run, tmp_path):
+    """Resume compares the job's science, not its text: a comment and a [slurm] section added for
+    `twin submit` leave the run resumable (and the result unchanged)."""
+    run = _copy_run(clean_run, tmp_path)
+    before = _read_all(run / "RUN.h5")
+    for j in (run / "journal").glob("*.jsonl"):  # forget the last chunk: resume must recompute it
+        lines = j.read_text().splitlines(keepends=True)
+        j.write_text("".join(l for l in lines if '"chunk":2,' not in l))
+    p = tmp_path / "job2.toml"
+    p.write_text("# resubmitted on the cluster\n" + RUN_JOB + '\n[slurm]\ntime = "0:10:00"\npartition = "debug"\n')
+    r = run_twin("run", p, "-o", run, "-q", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    after = _read_all(run / "RUN.h5")
+    for k, v in before.items():
+        if k in after and v.dtype.kind in "fiu":
+            np.testing.assert_array_equal(after[k], v, err_msg=k)
 
 
 @pytest.mark.parametrize("damage,must", [
