@@ -34,6 +34,8 @@ STREAM_IIV = 2
 STREAM_ARM = 3
 STREAM_RESIDUAL = 4  # reserved: residual / observation error
 STREAM_SENSOR = 5  # reserved: sensor noise (e.g. CGM)
+STREAM_BLOCKS = 6  # trial randomisation: permutation of each block (keyed by stratum and block number)
+STREAM_MEALS = 7  # randomised meal times and sizes (keyed by patient index)
 # 6..15 reserved for engine use; models may use 16 and above.
 
 # Philox4x32 constants (Random123 philox.h)

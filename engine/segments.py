@@ -75,6 +75,7 @@ def run_controlled(kernel, ctl: Controller, P: np.ndarray, events: Events, times
         pos = np.searchsorted(ts, times[sel])
         out[:, :, np.nonzero(sel)[0]] = samples[: len(record)][:, :, pos]
         obs = {o: samples[i][:, -1] for o, i in obs_idx.items()}
+    ctl.finish(t_end, y, u, obs, status == 0)
     failed = status != 0
     out[:, failed, :] = np.nan
     sig = {}

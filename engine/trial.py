@@ -16,7 +16,7 @@ from . import rng
 from .config import Job, TrialSection
 from .errors import JobError
 
-STREAM_BLOCKS = 6  # permutation of each randomisation block (keyed by stratum and block number)
+STREAM_BLOCKS = rng.STREAM_BLOCKS
 NOT_RANDOMISED = -1
 
 

@@ -483,14 +483,14 @@ def test_settings_are_checked(tmp_path):
 
 
 def test_job_level_checks(tmp_path):
-    """BasalBolus.check_job: what pydantic alone cannot see (arms, cohort covariates, output times)."""
+    """BasalBolus.check_job: what pydantic alone cannot see (arms, cohort covariates, output times);
+    loading the job (twin validate, twin run) calls it."""
     from engine.errors import JobError
 
     def check(text):
         p = tmp_path / "j.toml"
         p.write_text(text)
-        loaded = load_job(p)
-        BasalBolus.check_job(loaded._controller_settings, loaded)
+        load_job(p)
 
     check(example_text())
     cases = [

@@ -44,6 +44,8 @@ import time
 from pathlib import Path
 
 import h5py
+import re
+
 import numpy as np
 import pytest
 from scipy.integrate import solve_ivp
@@ -703,17 +705,24 @@ def test_example_job_runs_small(tmp_path):
 def test_controller_rejects_unknown_route_and_model(tmp_path):
     from engine.errors import JobError
 
-    ctx = _ctx("onco_simeoni_friberg", 2)
-    with pytest.raises(JobError, match="iv_infusion_B"):
-        get_controller("chemo_adapt")(_settings(drugs=[{"route": "iv_infusion_B", "dose": 1.0, "duration": 1.0}]),
-                                      12.0, ctx)
-    with pytest.raises(JobError, match="needs 'duration'"):
-        get_controller("chemo_adapt")(_settings(drugs=[{"route": "iv_infusion", "dose": 1.0}]), 12.0, ctx)
-    with pytest.raises(JobError, match="bsa"):
-        get_controller("chemo_adapt")(_settings(dose_covariate="bsa"), 12.0, ctx)
-    with pytest.raises(JobError, match="categorical"):
-        get_controller("chemo_adapt")(_settings(dose_covariate="sex"), 12.0,
-                                      _ctx("onco_simeoni_friberg", 2, covariates={"sex": np.array([0, 1], np.int16)}))
+    # checked when the job is loaded (twin validate / twin run), before any chunk runs
+    example = (ROOT / "jobs" / "oncology_example.toml").read_text()
+    bad = [
+        ('route = "iv_infusion"', 'route = "iv_infusion_B"', "drugs[0].route' = 'iv_infusion_B'"),
+        ('duration = 1.0               # h', '', "needs 'duration'"),
+        ('dose_covariate = "bsa"', 'dose_covariate = "height"', "'height': not a continuous covariate"),
+        ('adapt_arms = [1]', 'adapt_arms = [2]', "adapt_arms' = [2]: arm indices are 0-based"),
+        ('duration = 1.0               # h', 'duration = 1.0\narms = [0, 5]', "drugs[0].arms' = [0, 5]"),
+        ('[cohort.covariates.bsa]\ndistribution = "normal"\nmean = 1.85\nsd = 0.2\nlow = 1.3\nhigh = 2.6\nunit = "m^2"',
+         '[cohort.covariates.bsa]\ndistribution = "categorical"\ncategories = ["small", "large"]\nprobabilities = [0.5, 0.5]',
+         "'bsa': not a continuous covariate"),
+    ]
+    for old, new, want in bad:
+        assert old in example, old
+        p = tmp_path / "bad.toml"
+        p.write_text(example.replace(old, new))
+        with pytest.raises(JobError, match=re.escape(want)):
+            load_job(p)
     text = (ROOT / "jobs" / "oncology_example.toml").read_text().replace('name = "onco_simeoni_friberg"',
                                                                           'name = "pk_2cmt"')
     text = text[: text.index("w0 = 30.0")] + "\n[solver]" + text.split("[solver]", 1)[1]

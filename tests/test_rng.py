@@ -137,3 +137,12 @@ def test_bad_arguments():
         rng.uniform(1, 1, np.array([0.5]), 1)
     assert rng.uniform(1, 1, np.arange(3), 0).shape == (3, 0)
     assert rng.uniform(1, 1, np.arange(0), 4).shape == (0, 4)
+
+
+def test_stream_numbers_are_distinct():
+    """Every consumer of random numbers has its own stream: two sharing one would draw correlated
+    numbers for the same (seed, key)."""
+    from engine import rng as r
+
+    streams = {k: v for k, v in vars(r).items() if k.startswith("STREAM_")}
+    assert len(streams) >= 7 and len(set(streams.values())) == len(streams), streams

@@ -61,6 +61,11 @@ class Controller:
     observe: ClassVar[list[str]] = []  # model outputs/states the controller reads at control times
     models: ClassVar[tuple[str, ...]] = ()  # model names it works with (empty: any)
 
+    @classmethod
+    def check_job(cls, settings: Settings, loaded) -> None:
+        """Checks that need the whole job (arms, cohort, output times); raise JobError naming the
+        key. Called by `twin validate` and before any `twin run`."""
+
     def __init__(self, settings: Settings, period: float, ctx: ChunkContext):
         self.s = settings
         self.period = period
@@ -71,6 +76,9 @@ class Controller:
 
     def act(self, t: float, y: np.ndarray, u: np.ndarray, obs: dict[str, np.ndarray], alive: np.ndarray) -> None:
         """At control time t: read observations (values at t), modify y and u in place."""
+
+    def finish(self, t: float, y: np.ndarray, u: np.ndarray, obs: dict[str, np.ndarray], alive: np.ndarray) -> None:
+        """After the last segment, with the state and observations at t_end (no action follows)."""
 
     def events(self, t0: float, t1: float) -> Events | None:
         """Extra events in [t0, t1)."""

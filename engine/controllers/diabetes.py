@@ -75,9 +75,8 @@ values of t_end - 1 (no control time at t_end).
 whole number of sample times, cr_factor per arm, the CR/CF covariates or the therapy table's
 categorical covariate); engine.models.check_job_against_model can call it for `twin validate`.
 
-The model's Gsub at t_end completes the last step. The controller gets it from `finish`, which
-engine.segments calls after the last segment when it supports that hook; otherwise the last minute
-is integrated once more here (NumPy kernel, default tolerances) from the state saved at t_end - 1.
+The model's Gsub at t_end completes the last step; the controller gets it from `finish`, which
+engine.segments calls after the last segment.
 """
 
 from __future__ import annotations
@@ -98,7 +97,7 @@ from . import ChunkContext, Controller, Settings, Signal, register
 log = logging.getLogger("twin")
 
 # Meal draws: a stream of their own, so that adding meal slots never shifts sensor noise.
-STREAM_MEALS = getattr(rng, "STREAM_MEALS", 6)
+STREAM_MEALS = rng.STREAM_MEALS
 
 # simglucose 0.2.11 params/sensor_params.csv and params/pump_params.csv (MIT licence, (c) 2017
 # Jinyu Xie; copies with the licence in tests/data/glucose/, checked equal by the tests)
@@ -390,7 +389,6 @@ class BasalBolus(Controller):
         self.sig_ins: list[np.ndarray] = []
         self.sig_cho: list[np.ndarray] = []
         self.finished = False
-        self._last = None  # (t, y, u) at the last control time, for completing the last minute
 
     @classmethod
     def check_job(cls, settings: BasalBolusSettings, loaded) -> None:
@@ -531,27 +529,12 @@ class BasalBolus(Controller):
             self.sig_cgm.append(self.cgm_last)
             self.sig_ins.append(self.rate)
         self.sig_cho.append(to_eat)
-        self._last = (ti, y.copy(), u.copy())
 
     def finish(self, t, y, u, obs, alive):  # noqa: ARG002
         """After the last segment, with the observations at t_end."""
         if not self.finished:
             self._measure(int(round(t)), obs["Gsub"])
             self.finished = True
-
-    def _complete_last_minute(self) -> None:
-        """Without a `finish` call: integrate the last minute again to get Gsub at t_end."""
-        if self.finished or self._last is None:
-            return
-        from kernels.compile import ode_kernel
-        from kernels.ode.integrate_numpy import Events, SolverOptions
-
-        t, y, u = self._last
-        kern = ode_kernel(self.ctx.model, "numpy")
-        fin: dict = {}
-        out, _ = kern.run(self.ctx.P, Events.empty(self.m), np.array([t + 1.0]), SolverOptions(), ["Gsub"],
-                          np.zeros(self.m, np.int8), y0=y, u0=u, t0=float(t), final=fin)
-        self.finish(t + 1.0, fin["y"], fin["u"], {"Gsub": out[0][:, -1]}, None)
 
     def signal_values(self):
         n = len(self.sig_cho)  # control times so far
@@ -560,7 +543,6 @@ class BasalBolus(Controller):
         return {"CGM": held(self.sig_cgm), "insulin": held(self.sig_ins), "CHO": f(self.sig_cho)}
 
     def result_values(self):
-        self._complete_last_minute()
         if not self.bg_steps:
             nan = np.full(self.m, np.nan)
             return {k: nan for k in self.results}

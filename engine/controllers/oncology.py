@@ -7,8 +7,8 @@ after the previous cycle was actually given otherwise. Each cycle gives every dr
 `dose_covariate`, e.g. body-surface area, when set): a bolus at the due time, or an infusion at
 rate dose/duration over [due, due + duration]. Doses go in as events at their exact times, so
 due times need not fall on control times. Arms are named by 0-based index into the job's [[arms]]
-(`adapt_arms`, `drugs[].arms`): controllers are not told arm names. Routes, durations and
-`dose_covariate` are checked when the first chunk starts (a JobError), not by `twin validate`.
+(`adapt_arms`, `drugs[].arms`). Routes, durations, arm indices and `dose_covariate` are checked
+against the model and the job when the job is loaded (`check_job`: `twin validate`, `twin run`).
 
 Blood counts. At every control time (job `[controller] period`, e.g. 6 h) the controller reads ANC
 (the model's Circ) — the value just before anything happens at that time — and keeps the nadir of
@@ -154,35 +154,55 @@ class ChemoAdapt(Controller):
         "progressed": Signal("1", "1 if PD was seen (ttp is an event), 0 if censored"),
     }
 
+    @classmethod
+    def check_job(cls, settings: ChemoSettings, loaded) -> None:
+        from ..errors import JobError
+        from ..models import job_model
+
+        job, src, s = loaded.job, loaded.path, settings
+        model = job_model(loaded)
+        n_arms = len(job.arms)
+        for i, d in enumerate(s.drugs):
+            where = f"controller.settings.drugs[{i}]"
+            if d.route not in model.doses:
+                raise JobError(f"{src}: key '{where}.route' = {d.route!r}: {model.name} accepts "
+                               f"{', '.join(model.doses)}")
+            bolus = isinstance(model.doses[d.route], BolusTarget)
+            if bolus and d.duration is not None:
+                raise JobError(f"{src}: key '{where}.duration': route {d.route!r} is a bolus and takes no duration")
+            if not bolus and d.duration is None:
+                raise JobError(f"{src}: key '{where}': route {d.route!r} is an infusion and needs 'duration'")
+            bad = [a for a in (d.arms or []) if a >= n_arms]
+            if bad:
+                raise JobError(f"{src}: key '{where}.arms' = {d.arms}: arm indices are 0-based and the job has "
+                               f"{n_arms} arm(s)")
+        bad = [a for a in (s.adapt_arms or []) if a >= n_arms]
+        if bad:
+            raise JobError(f"{src}: key 'controller.settings.adapt_arms' = {s.adapt_arms}: arm indices are 0-based "
+                           f"and the job has {n_arms} arm(s)")
+        if s.dose_covariate is not None:
+            coh = job.cohort
+            cont = {k for k, d in coh.covariates.items() if not getattr(d, "categories", None)}
+            if coh.csv is not None:
+                cont |= {k for k, c in coh.csv.covariates.items() if not c.categories}
+            if s.dose_covariate not in cont:
+                raise JobError(f"{src}: key 'controller.settings.dose_covariate' = {s.dose_covariate!r}: not a "
+                               f"continuous covariate of the cohort; available: {', '.join(sorted(cont)) or 'none'}")
+
     def __init__(self, settings: ChemoSettings, period: float, ctx):
         super().__init__(settings, period, ctx)
-        from ..errors import JobError
 
         s, model = settings, ctx.model
         m = len(ctx.index)
         arm = np.asarray(ctx.arm, np.int64)
         scale = np.ones(m)
-        if s.dose_covariate is not None:
-            if s.dose_covariate not in ctx.covariates:
-                raise JobError(f"key 'controller.settings.dose_covariate' = {s.dose_covariate!r}: not a covariate of "
-                               f"the cohort; available: {', '.join(sorted(ctx.covariates)) or 'none'}")
-            cov = np.asarray(ctx.covariates[s.dose_covariate])
-            if not np.issubdtype(cov.dtype, np.floating):
-                raise JobError(f"key 'controller.settings.dose_covariate' = {s.dose_covariate!r}: a categorical "
-                               "covariate cannot scale a dose")
-            scale = cov.astype(float)
+        if s.dose_covariate is not None:  # checked by check_job: present and continuous
+            scale = np.asarray(ctx.covariates[s.dose_covariate], float)
         # per drug: event kind, target index, planned amount per patient [m] (0 where not given)
         self.drug_plan = []
         for i, d in enumerate(s.drugs):
-            where = f"controller.settings.drugs[{i}]"
-            if d.route not in model.doses:
-                raise JobError(f"key '{where}.route' = {d.route!r}: {model.name} accepts {', '.join(model.doses)}")
-            tgt = model.doses[d.route]
+            tgt = model.doses[d.route]  # route and duration checked by check_job
             bolus = isinstance(tgt, BolusTarget)
-            if bolus and d.duration is not None:
-                raise JobError(f"key '{where}.duration': route {d.route!r} is a bolus and takes no duration")
-            if not bolus and d.duration is None:
-                raise JobError(f"key '{where}': route {d.route!r} is an infusion and needs 'duration'")
             frac = ctx.param(tgt.fraction) if tgt.fraction else np.ones(m)
             given = np.ones(m, bool) if d.arms is None else np.isin(arm, d.arms)
             amount = np.where(given, d.dose * scale, 0.0)

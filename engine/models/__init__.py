@@ -91,6 +91,7 @@ def check_job_against_model(loaded) -> None:
         except ValidationError as e:
             msg = format_validation_error(e, str(src)).replace("key '", "key 'controller.settings.")
             raise JobError(msg) from None
+        ctl.check_job(loaded._controller_settings, loaded)
         obs = obs + list(ctl.signals)
     for i, v in enumerate(job.outputs.variables):
         if v not in obs:
