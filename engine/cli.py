@@ -103,10 +103,29 @@ def _cmd_validate(args) -> int:
     return EXIT_OK
 
 
+def _is_screen(result) -> bool:
+    import h5py
+
+    p = Path(result)
+    p = p / "RUN.h5" if p.is_dir() else p
+    try:
+        with h5py.File(p, "r") as f:
+            return "screen" in f and "biomarkers" in f and "qNet" in f["biomarkers"]
+    except OSError:
+        return False
+
+
 def _cmd_summary(args) -> int:
     from .analysis import summary
 
     print(summary(args.result))
+    if _is_screen(args.result):
+        from .cipa import summary_text
+
+        try:
+            print(summary_text(args.result))
+        except ValueError as e:  # e.g. no labelled training drugs: nothing to classify
+            print(f"TdP risk classification: not done ({e})")
     from .analysis import open_run
 
     ds = open_run(args.result)
@@ -123,6 +142,13 @@ def _cmd_report(args) -> int:
     from .analysis import report
 
     paths = report(args.result, args.output)
+    if _is_screen(args.result):
+        from .cipa import report_plots
+
+        try:
+            paths += report_plots(args.result, args.output)
+        except ValueError as e:
+            print(f"TdP risk plots: not drawn ({e})")
     for p in paths:
         print(p)
     return EXIT_OK

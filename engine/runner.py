@@ -77,6 +77,10 @@ class Plan:
 
 def build_layout(loaded: LoadedJob, cohort: CohortSource) -> Layout:
     job = loaded.job
+    if job.pacing is not None:
+        from . import cell_screen
+
+        return cell_screen.build_layout(loaded, cohort)
     model = job_model(loaded)
     times = job.outputs.time_values()
     tu = model.time_unit
@@ -154,6 +158,10 @@ def make_plan(loaded: LoadedJob, local_rank: int = 0) -> Plan:
 def compute_chunk(plan: Plan, chunk_id: int, check=None) -> dict[str, np.ndarray]:
     """All arrays of one chunk, keyed by layout path."""
     job, layout = plan.job, plan.layout
+    if job.pacing is not None:
+        from . import cell_screen
+
+        return cell_screen.compute_chunk(plan, chunk_id, check)
     model = job_model(plan.loaded)
     start, stop = layout.chunk_bounds(chunk_id)
     ch = plan.cohort.chunk(start, stop)

@@ -48,8 +48,13 @@ def job_model(loaded) -> Model:
                 from kernels.ode.sbml import import_sbml
 
                 model = import_sbml(path, name=sec.name)
+            elif path.suffix.lower() in (".cellml", ".mmt"):
+                from kernels.ode.cellml import import_cellml, import_mmt
+
+                model = (import_mmt if path.suffix.lower() == ".mmt" else import_cellml)(path)
             else:
-                raise JobError(f"{loaded.path}: key 'model.file' = {sec.file!r}: expected a .toml or .xml/.sbml file")
+                raise JobError(f"{loaded.path}: key 'model.file' = {sec.file!r}: expected a .toml, .xml/.sbml, "
+                               ".cellml or .mmt file")
         except (ValueError, OSError, UnicodeDecodeError) as e:
             raise JobError(f"{loaded.path}: key 'model.file' = {sec.file!r}: {e}") from None
         if model.name != sec.name:
