@@ -54,6 +54,7 @@ BIOMARKERS = {
     "EAD": ("1", "1 if an early afterdepolarisation was detected"),
     "repolarisation_failure": ("1", "1 if Vm did not repolarise before the next stimulus"),
     "prepace_converged": ("1", "1 if the cell's control state met prepace_tol (1 without a tolerance)"),
+    "accepted": ("1", "1 if the cell's control beat is inside every pacing.accept range (1 without ranges)"),
 }
 _BEAT_KEYS = {"APD30": "APD30", "APD50": "APD50", "APD90": "APD90", "triangulation": "triangulation",
               "Vrest": "Vrest", "Vpeak": "Vpeak", "dVdt_max": "dVdt_max", "CaT_amplitude": "CaT_amplitude",
@@ -183,6 +184,10 @@ def build_layout(loaded, cohort) -> Layout:
     job = loaded.job
     model = job_model(loaded)
     scr = screen_of(loaded)
+    bad = sorted(set(job.pacing.accept) - set(_BEAT_KEYS))
+    if bad:
+        raise JobError(f"{loaded.path}: key 'pacing.accept': {bad} are not beat biomarkers; allowed: "
+                       f"{', '.join(_BEAT_KEYS)}")
     for n in job.outputs.variables:
         if n not in model.observable():
             raise JobError(f"{loaded.path}: key 'outputs.variables': {n!r} is not an output of {model.name}")
@@ -302,4 +307,14 @@ def compute_chunk(plan, chunk_id: int, check=None) -> dict[str, np.ndarray]:  # 
         val[~ok] = np.nan
         arrays[f"biomarkers/{key}"] = val
     arrays["biomarkers/prepace_converged"] = conv[k].astype(float)
+    # acceptance: judged on each cell's control item, which is in this chunk (items are cell-major)
+    accepted = np.ones(c_hi - c_lo, bool)
+    if pc.accept:
+        ctrl = np.array([scr.conditions[c].drug < 0 for c in cond])
+        for name, (lo, hi) in pc.accept.items():
+            v = arrays[f"biomarkers/{name}"][ctrl]
+            inside = np.zeros(c_hi - c_lo, bool)
+            inside[k[ctrl]] = (v >= lo) & (v <= hi)  # NaN (failed or no AP) is outside
+            accepted &= inside
+    arrays["biomarkers/accepted"] = accepted[k].astype(float)
     return arrays

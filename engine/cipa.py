@@ -61,11 +61,12 @@ def load_scores(path: str | os.PathLike) -> tuple[list[DrugScore], dict]:
         qnet = f["biomarkers/qNet"][:]
         bad = (f["biomarkers/EAD"][:] > 0) | (f["biomarkers/repolarisation_failure"][:] > 0)
         status = f["status"][:]
-        control = qnet[(drug == -1) & (status == 0)]
-    cells = np.unique(cell)
+        acc = f["biomarkers/accepted"][:] > 0 if "accepted" in f["biomarkers"] else np.ones(drug.size, bool)
+        control = qnet[(drug == -1) & (status == 0) & acc]
+    cells = np.unique(cell[acc])  # cells rejected by pacing.accept take no part in the metric
     out = []
     for i, name in enumerate(names):
-        sel = drug == i
+        sel = (drug == i) & acc
         if not sel.any():
             continue
         # per cell: mean over the metric multiples (NaN if any of them failed)
@@ -81,6 +82,7 @@ def load_scores(path: str | os.PathLike) -> tuple[list[DrugScore], dict]:
                              float(np.nanmean(per_cell)) if np.isfinite(per_cell).any() else np.nan,
                              per_cell, by_mult, frac))
     info = {"control_qnet": float(np.mean(control)) if control.size else np.nan,
+            "n_rejected_cells": int(np.unique(cell).size - cells.size),
             "metric_multiples": metric_mult.tolist(), "n_cells": int(cells.size)}
     return out, info
 
@@ -180,7 +182,7 @@ def summary_text(path: str | os.PathLike) -> str:
     r = evaluate(path)
     th = r["thresholds"]
     lines = [f"TdP risk (qNet metric = mean qNet over {r['info']['metric_multiples']} x EFTPC, "
-             f"{r['info']['n_cells']} cell(s); control qNet {r['info']['control_qnet']:.4f} uC/uF)",
+             f"{r['info']['n_cells']} accepted cell(s), {r['info']['n_rejected_cells']} rejected; control qNet {r['info']['control_qnet']:.4f} uC/uF)",
              f"thresholds fitted on training drugs only: high if metric < {th['high_below']:.4f}, "
              f"intermediate if < {th['intermediate_below']:.4f}, else low",
              f"{'drug':<16}{'set':<12}{'CiPA risk':<14}{'metric':>9}  {'predicted':<14}{'EAD/RF cells':>12}"]
@@ -210,7 +212,7 @@ def report_plots(path: str | os.PathLike, out_dir: str | os.PathLike) -> list[Pa
     ax = fig.add_subplot()
     for d in r["drugs"]:
         ms = sorted(d.qnet_by_multiple)
-        ax.plot(ms, [d.qnet_by_multiple[m] for m in ms], "-o", ms=3, lw=1, color=colours[d.risk], alpha=0.8,
+        ax.plot(ms, [d.qnet_by_multiple[m] for m in ms], marker="o", ms=3, lw=1, color=colours[d.risk], alpha=0.8,
                 ls="-" if d.set == "training" else "--")
     ax.axhline(r["info"]["control_qnet"], color="k", lw=0.8, ls=":", label="control")
     ax.set_xscale("log")

@@ -93,7 +93,14 @@ def _cmd_validate(args) -> int:
     from .models import job_model
 
     model = job_model(loaded)
-    make_plan(loaded)  # what run would refuse, validate refuses: backend, cohort build (CSV, key), names
+    plan = make_plan(loaded)  # what run would refuse, validate refuses: backend, cohort build (CSV, key), names
+    if j.pacing is not None:
+        lay = plan.layout
+        print(f"{args.job}: ok")
+        print(f"  job {j.job.name}: model {model.name}, {plan.cohort.n} cells x {lay.n_patients // max(plan.cohort.n, 1)} "
+              f"conditions = {lay.n_patients} items in {lay.n_chunks()} chunks of {j.job.chunk_size}, seed {j.job.seed}, "
+              f"backend {j.job.backend}; sha256 {loaded.sha256[:16]}")
+        return EXIT_OK
     n = j.cohort.size if j.cohort.size is not None else f"CSV {j.cohort.csv.path}"
     n_chunks = f"{-(-j.cohort.size // j.job.chunk_size)} chunks of {j.job.chunk_size}" if j.cohort.size else f"chunks of {j.job.chunk_size}"
     print(f"{args.job}: ok")

@@ -458,6 +458,17 @@ class PacingSection(Strict):
     fine_step: Pos = 0.01
     fine_span: Pos = 20.0
     coarse_step: Pos = 0.5
+    # population calibration by acceptance (Britton et al. 2013): a cell is accepted when every
+    # named control-beat biomarker lies in its [min, max] range, e.g. { APD90 = [180, 440] }
+    accept: dict[Name, Annotated[list[float], Field(min_length=2, max_length=2)]] = Field(default_factory=dict)
+
+    @field_validator("accept")
+    @classmethod
+    def _ranges(cls, v):
+        for k, (lo, hi) in v.items():
+            if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+                raise ValueError(f"accept.{k} = [{lo}, {hi}]: need finite min < max")
+        return v
 
 
 class ScreenSection(Strict):
@@ -502,6 +513,8 @@ class Job(Strict):
                 raise ValueError("a [pacing] job takes no [controller]")
             if any(a.doses for a in self.arms) or len(self.arms) != 1:
                 raise ValueError("a [pacing] job has one arm without doses (drug conditions go in [screen])")
+            if self.pacing.accept and self.screen is not None and not self.screen.control:
+                raise ValueError("pacing.accept judges each cell on its control beat: set screen.control = true")
             if self.screen is not None:
                 missing = [m for m in self.screen.metric_multiples if m not in self.screen.multiples]
                 if missing:

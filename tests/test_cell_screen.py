@@ -272,3 +272,29 @@ def test_summary_and_report_classify(screen_run, tmp_path):
     assert rep.returncode == 0, rep.stderr
     for name in ("cipa_qnet_vs_concentration.png", "cipa_tdp_metric.png"):
         assert (tmp_path / "rep" / name).stat().st_size > 10_000
+
+
+def test_acceptance_keeps_cells_inside_ranges(tmp_path):
+    """Population calibration by acceptance (Britton et al. 2013): a cell is accepted exactly when its
+    control-beat biomarkers lie inside every range. A pacing job without [screen] runs controls only."""
+    base = screen_job(cells=6, chunk=6, prepace=5, beats=1)
+    base = base[: base.index("[screen]")] + base[base.index("[outputs]"):]  # no drugs: one control per cell
+    (tmp_path / "a.toml").write_text(base)
+    r = run_twin("run", tmp_path / "a.toml", "-o", tmp_path / "a", "-q", timeout=600)
+    assert r.returncode == 0, r.stderr
+    a = read(tmp_path / "a" / "RUN.h5")
+    apd, vrest = a["biomarkers/APD90"], a["biomarkers/Vrest"]
+    assert a["status"].shape == (6,) and (a["biomarkers/accepted"] == 1).all()
+    lo, hi = float(np.sort(apd)[1]) - 1e-6, float(np.sort(apd)[4]) + 1e-6  # drops the shortest and longest APD
+    text = base.replace("beats = 1\n", f"beats = 1\naccept = {{ APD90 = [{lo!r}, {hi!r}], Vrest = [-100.0, -50.0] }}\n")
+    (tmp_path / "b.toml").write_text(text)
+    r = run_twin("run", tmp_path / "b.toml", "-o", tmp_path / "b", "-q", timeout=600)
+    assert r.returncode == 0, r.stderr
+    b = read(tmp_path / "b" / "RUN.h5")
+    np.testing.assert_array_equal(b["biomarkers/APD90"], apd)  # acceptance only labels cells
+    want = (apd >= lo) & (apd <= hi) & (vrest >= -100) & (vrest <= -50)
+    assert want.sum() == 4
+    np.testing.assert_array_equal(b["biomarkers/accepted"], want.astype(float))
+    (tmp_path / "c.toml").write_text(text.replace("Vrest = [", "Vresting = ["))
+    r = run_twin("run", tmp_path / "c.toml", "-o", tmp_path / "c", "-q")
+    assert r.returncode == 2 and "pacing.accept" in r.stderr and "Vresting" in r.stderr, r.stderr
