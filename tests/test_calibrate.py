@@ -1,0 +1,147 @@
+"""Batched MAP calibration: kernel sensitivities, Theophylline population/individual fits, recovery.
+
+References: the closed-form one-compartment oral solution (sensitivities by complex-step
+differentiation of it, exact to rounding), nlmixr2 SAEM estimates for Theophylline (SOURCES.md),
+and synthetic twins with known truth.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.calibrate.map_fit import FIT_STATUS, map_fit
+from engine.calibrate.population import population_fit
+from engine.calibrate.problem import build_problem
+from engine.calibrate.sensitivity import augment
+from engine.models import get_model
+from engine.observations import ObservationsSection, PatientRecords, import_observations
+from kernels.compile import c_compiler, ode_kernel
+from kernels.ode.integrate_numpy import Events, SolverOptions
+
+DATA = Path(__file__).parent / "data" / "calib"
+BACKENDS = ["numpy"] + (["cpu"] if c_compiler() else [])
+PK = get_model("pk_1cmt")
+
+
+def closed_form(t, D, ka, CL, V):
+    k = CL / V
+    return D * ka / (V * (ka - k)) * (np.exp(-k * t) - np.exp(-ka * t))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kernel_sensitivities_match_closed_form(backend):
+    sm = augment(PK, ["ka", "CL", "V1", "F"], ["C"])
+    m = 3
+    th = np.array([[1.5, 0.7, 3.0], [2.8, 5.0, 1.2], [31.5, 20.0, 60.0], [1.0, 0.8, 0.5]])  # ka CL V1 F
+    P = np.array([[PK.defaults()[n]] * m for n in PK.parameter_names])
+    for i, n in enumerate(["ka", "CL", "V1", "F"]):
+        P[PK.parameter_names.index(n)] = th[i]
+    D = 320.0
+    fi = PK.parameter_names.index("F")
+    ev = Events(np.zeros((1, m)), np.zeros((1, m), np.int8), np.zeros((1, m), np.int16), D * P[fi][None].copy())
+    ev = sm.events(ev, P, np.full((1, m), fi))
+    t = np.array([0.25, 0.5, 1.0, 2.0, 3.5, 5.0, 7.0, 9.0, 12.0, 24.0])
+    out, st = ode_kernel(sm.model, backend).run(P, ev, t, SolverOptions(rtol=1e-11, atol=1e-12), sm.record(),
+                                                 np.zeros(m, np.int8))
+    assert (st == 0).all()
+    f, S = sm.split(out)
+    h = 1e-30
+    for j in range(m):
+        x = np.log(th[:, j]).astype(complex)
+        for k in range(4):
+            xp = x.copy()
+            xp[k] += 1j * h
+            ka, CL, V, F = np.exp(xp)
+            ref = (closed_form(t, D * F, ka, CL, V).imag / h)  # complex step: exact to rounding
+            # rtol 1e-11 solve: sensitivities agree to ~1e-8 of the concentration scale
+            np.testing.assert_allclose(S[0, k, j], ref, rtol=0, atol=1e-7 * np.abs(f[0, j]).max())
+        np.testing.assert_allclose(f[0, j], closed_form(t, D * th[3, j], *th[:3, j]), rtol=1e-8)
+
+
+def theoph_observations():
+    os.environ.setdefault("TWIN_PSEUDONYM_KEY", "test-key-not-secret")
+
+    class Loaded:
+        def resolve(self, p):
+            return DATA / p
+
+    sec = ObservationsSection.model_validate({
+        "path": "theoph_long.csv", "patients": {"path": "theoph_patients.csv", "id_column": "id", "consent_column": "consent"},
+        "variables": {"C": {"name": "theophylline", "unit": "mg/L"}}, "doses": {"route": "oral"}})
+    return import_observations(Loaded(), sec)
+
+
+def theoph_problem(backend):
+    obs = theoph_observations()
+    assert len(obs.patients) == 12 and obs.n_imported == 144 and not obs.issues
+    mu, om = np.log([1.5, 2.8, 32.0]), np.diag([0.5, 0.1, 0.05])  # rough starting values
+    return build_problem(PK, obs.patients, ["ka", "CL", "V1"], ["C"], {"F": 1.0}, mu, om, [0.7], [0.0], "oral", backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS[-1:])
+def test_theophylline_population_matches_nlmixr2_saem(backend):
+    pop = population_fit(theoph_problem(backend), error="additive")
+    assert pop.converged
+    ka, CL, V = pop.typical
+    # nlmixr2 SAEM (theo_sd, additive error): ka 1.57, CL 2.76, V 31.5, BSV 71.5/27.6/13.4 %CV, add.sd 0.693.
+    # Laplace EM maximises a different approximation of the same marginal likelihood and SAEM is
+    # stochastic (its printed values carry 3 digits): 3% on typical values and residual sd, 10% on
+    # the CVs (the 12-subject data set determines variances to only ~20%). Measured: 1.563, 2.769,
+    # 31.48; CV 68.8/26.9/13.6; sd 0.697.
+    np.testing.assert_allclose([ka, CL, V], [1.57, 2.76, 31.5], rtol=0.03)
+    np.testing.assert_allclose(pop.cv(), [71.5, 27.6, 13.4], rtol=0.10)
+    np.testing.assert_allclose(pop.err_add, [0.693], rtol=0.03)
+    ind = pop.individual
+    assert (ind.status == FIT_STATUS["ok"]).all()
+    # individual fits: subject 9 (index 8) is the fast absorber (STS ka 8.9/h; shrunk by the prior)
+    assert np.argmax(ind.theta[:, 0]) == 8
+    # weighted residuals of an adequate fit: chi2/n near 1 overall (132 obs, 3x12 random effects)
+    assert 0.6 < ind.chi2.sum() / ind.n_obs.sum() < 1.2
+
+
+def test_theophylline_backends_agree():
+    if len(BACKENDS) < 2:
+        pytest.skip("no C compiler")
+    a, b = (map_fit(theoph_problem(be)) for be in BACKENDS)
+    # same algorithm, two integrators of the same generated model at rtol 1e-8: estimates agree
+    # to ~1e-6 relative (LM stops at 1e-9 relative objective change)
+    np.testing.assert_allclose(a.phi, b.phi, atol=1e-5)
+
+
+def synthetic_pk(n, seed, times):
+    """Virtual patients from a known population, observed with combined error."""
+    rng = np.random.default_rng(seed)
+    mu = np.log([1.2, 4.0, 40.0])
+    om = np.diag([0.2, 0.1, 0.05])
+    phi = mu + rng.standard_normal((n, 3)) @ np.linalg.cholesky(om).T
+    ka, CL, V = np.exp(phi).T
+    a, b = 0.05, 0.1
+    pats = []
+    for i in range(n):
+        c = closed_form(times, 500.0, ka[i], CL[i], V[i])
+        y = c + np.sqrt(a * a + (b * c) ** 2) * rng.standard_normal(len(times))
+        pats.append(PatientRecords(b"%064d" % i, {"C": (times.copy(), y)}, [(0.0, 500.0)]))
+    return pats, phi, mu, om, a, b
+
+
+@pytest.mark.parametrize("backend", BACKENDS[-1:])
+def test_pk_parameter_recovery_and_interval_coverage(backend):
+    times = np.array([0.5, 1.0, 2.0, 4.0, 6.0, 8.0, 12.0, 24.0])
+    pats, truth, mu, om, a, b = synthetic_pk(300, 11, times)
+    prob = build_problem(PK, pats, ["ka", "CL", "V1"], ["C"], {"F": 1.0}, mu, om, [a], [b], "oral", backend)
+    fit = map_fit(prob)
+    assert (fit.status == 0).all()
+    err = fit.phi - truth
+    rel = np.abs(np.expm1(err))
+    # 8 samples with 10% proportional error determine CL and V to a few %, ka less well
+    med = np.median(rel, axis=0)
+    assert med[1] < 0.05 and med[2] < 0.06 and med[0] < 0.15, med
+    z = np.abs(err) / fit.sd()
+    cover = (z < 1.959964).mean(axis=0)
+    # nominal 95% Laplace intervals; 300 patients give a binomial sd of 1.3%: [0.90, 0.99] is
+    # > 3 sd wide on both sides and still catches a covariance off by a factor of ~1.5 in variance
+    assert ((cover > 0.90) & (cover < 0.99)).all(), cover
