@@ -25,6 +25,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("-o", "--output", help="run directory (default runs/<job name>)")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bar (batch logs)")
 
+    c = sub.add_parser("calibrate", help="fit every patient's twin to its observations (also under mpiexec/srun)")
+    c.add_argument("job", help="calibration job file (.toml)")
+    c.add_argument("-o", "--output", help="run directory (default runs/<job name>)")
+    c.add_argument("-q", "--quiet", action="store_true", help="no progress messages on stdout")
+
     v = sub.add_parser("validate", help="check a job file and print what it would run")
     v.add_argument("job")
 
@@ -81,6 +86,16 @@ def _cmd_run(args) -> int:
     out = Path(args.output) if args.output else Path("runs") / loaded.job.job.name
     comm = world()
     return run(loaded, out, comm, quiet=args.quiet)
+
+
+def _cmd_calibrate(args) -> int:
+    from .calibrate.job import load_calibration
+    from .calibrate.run import calibrate
+    from .parallel import world
+
+    loaded = load_calibration(args.job)
+    out = Path(args.output) if args.output else Path("runs") / loaded.job.job.name
+    return calibrate(loaded, out, world(), quiet=args.quiet)
 
 
 def _cmd_validate(args) -> int:
@@ -179,7 +194,7 @@ def _cmd_bench(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     cmd = {"run": _cmd_run, "validate": _cmd_validate, "summary": _cmd_summary, "report": _cmd_report,
-           "audit": _cmd_audit, "bench": _cmd_bench, "submit": _cmd_submit, "status": _cmd_status}[args.cmd]
+           "audit": _cmd_audit, "bench": _cmd_bench, "submit": _cmd_submit, "status": _cmd_status, "calibrate": _cmd_calibrate}[args.cmd]
     try:
         return cmd(args)
     except TwinError as e:

@@ -1,0 +1,143 @@
+"""`twin calibrate` job files: [job], [model], [solver] as for `twin run`, plus [observations]
+(engine.observations) and [calibration] (what is estimated, the prior, the error model).
+
+    [calibration]
+    parameters = ["ka", "CL", "V1"]          # estimated, log scale
+    prior = { ka = 1.5, CL = 2.8, V1 = 32.0 } # typical values (prior median)
+    omega = [[0.5, 0, 0], [0, 0.1, 0], [0, 0, 0.05]]   # prior covariance of the log parameters
+    population = true                        # first estimate prior/omega/error from all patients
+    [calibration.error.C]
+    additive = 0.7
+    proportional = 0.0
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+
+import numpy as np
+from pydantic import Field, ValidationError, model_validator
+
+from ..config import JobSection, ModelSection, NonNeg, Pos, SolverSection, Strict, format_validation_error
+from ..errors import JobError
+from ..observations import ObservationsSection
+
+
+class ErrorModel(Strict):
+    additive: NonNeg = 0.0
+    proportional: NonNeg = 0.0
+
+    @model_validator(mode="after")
+    def _some(self):
+        if self.additive == 0 and self.proportional == 0:
+            raise ValueError("give 'additive' and/or 'proportional' > 0")
+        return self
+
+
+class CalibrationSection(Strict):
+    parameters: Annotated[list[str], Field(min_length=1, max_length=32)]
+    prior: dict[str, Pos]
+    omega: list[list[float]]
+    error: Annotated[dict[str, ErrorModel], Field(min_length=1)]
+    population: bool = False
+    population_error: Literal["additive", "proportional"] = "additive"
+    population_max_iter: Annotated[int, Field(ge=1, le=10_000)] = 200
+    max_iter: Annotated[int, Field(ge=1, le=10_000)] = 100
+    infusion_duration: Pos | None = None  # dose route is an infusion: its duration
+
+    @model_validator(mode="after")
+    def _shape(self):
+        k = len(self.parameters)
+        dup = sorted({p for p in self.parameters if self.parameters.count(p) > 1})
+        if dup:
+            raise ValueError(f"parameters repeats {dup}")
+        missing = [p for p in self.parameters if p not in self.prior]
+        if missing:
+            raise ValueError(f"prior has no typical value for {missing}")
+        extra = [p for p in self.prior if p not in self.parameters]
+        if extra:
+            raise ValueError(f"prior names {extra}, which are not estimated parameters {self.parameters}")
+        om = np.asarray(self.omega, float)
+        if om.shape != (k, k):
+            raise ValueError(f"omega must be {k}x{k} (one row per estimated parameter), got shape {om.shape}")
+        if not np.allclose(om, om.T) or not np.isfinite(om).all():
+            raise ValueError("omega must be a symmetric matrix of finite numbers")
+        try:
+            np.linalg.cholesky(om)
+        except np.linalg.LinAlgError:
+            raise ValueError("omega must be positive definite") from None
+        if self.population and self.population_error == "additive" and any(e.proportional for e in self.error.values()):
+            raise ValueError("population_error = 'additive' estimates additive errors only; set proportional = 0")
+        if self.population and self.population_error == "proportional" and any(e.additive for e in self.error.values()):
+            raise ValueError("population_error = 'proportional' estimates proportional errors only; set additive = 0")
+        return self
+
+    def mu(self) -> np.ndarray:
+        return np.log([self.prior[p] for p in self.parameters])
+
+
+class CalibrationJob(Strict):
+    job: JobSection
+    model: ModelSection
+    solver: SolverSection = SolverSection()
+    observations: ObservationsSection
+    calibration: CalibrationSection
+
+    @model_validator(mode="after")
+    def _names(self):
+        for o in self.calibration.error:
+            if o not in self.observations.variables:
+                raise ValueError(f"calibration.error.{o}: {o!r} is not an observed variable "
+                                 f"({sorted(self.observations.variables)})")
+        for o in self.observations.variables:
+            if o not in self.calibration.error:
+                raise ValueError(f"calibration.error has no entry for observed variable {o!r}")
+        return self
+
+
+class LoadedCalibration:
+    def __init__(self, job: CalibrationJob, text: str, path: Path):
+        self.job, self.text, self.path = job, text, path
+        self.sha256 = hashlib.sha256(text.encode()).hexdigest()
+
+    def resolve(self, p: str) -> Path:
+        q = Path(p).expanduser()
+        return q if q.is_absolute() else (self.path.parent / q)
+
+
+def load_calibration(path: str | Path) -> LoadedCalibration:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise JobError(f"{p}: job file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise JobError(f"{p}: cannot read job file ({e})") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise JobError(f"{p}: malformed TOML: {e}") from None
+    try:
+        job = CalibrationJob.model_validate(data)
+    except ValidationError as e:
+        raise JobError(format_validation_error(e, str(p))) from None
+    loaded = LoadedCalibration(job, text, p.resolve())
+    from ..models import job_model
+
+    model = job_model(loaded)
+    c = job.calibration
+    for where, names in (("calibration.parameters", c.parameters), ("model.parameters", list(job.model.parameters))):
+        bad = [n for n in names if n not in model.parameter_names]
+        if bad:
+            raise JobError(f"{p}: key '{where}' = {bad}: not parameters of {model.name} ({model.parameter_names})")
+    bad = [o for o in job.observations.variables if o not in model.observable()]
+    if bad:
+        raise JobError(f"{p}: key 'observations.variables' = {bad}: not outputs or states of {model.name} "
+                       f"({model.observable()})")
+    d = job.observations.doses
+    if d is not None and d.route not in model.doses:
+        raise JobError(f"{p}: key 'observations.doses.route' = {d.route!r}: {model.name} has routes {sorted(model.doses)}")
+    return loaded

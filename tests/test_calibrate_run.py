@@ -1,0 +1,74 @@
+"""`twin calibrate`: the runner's chunk/MPI/store machinery for calibration (real mpiexec, real HDF5)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from engine.calibrate.synthetic import write_pk_dataset
+from tests.helpers import MPIEXEC, mpi_cmd, run_twin
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def datasets(path: Path) -> dict:
+    out = {}
+    with h5py.File(path, "r") as f:
+        def visit(name, obj):
+            if isinstance(obj, h5py.Dataset):
+                out[name] = (obj.dtype.str, obj.shape, obj[()].tobytes())
+        f.visititems(visit)
+    return out
+
+
+def test_theophylline_job_end_to_end(tmp_path):
+    p = run_twin("calibrate", ROOT / "jobs" / "theoph_calibrate.toml", "-o", tmp_path / "th", "-q", check=True)
+    assert "12 twins calibrated: 12 ok" in p.stderr
+    with h5py.File(tmp_path / "th" / "RUN.h5", "r") as f:
+        pop = json.loads(f.attrs["population"])
+        # same Laplace-EM estimates as tests/test_calibrate.py (nlmixr2 SAEM: 1.57, 2.76, 31.5)
+        np.testing.assert_allclose(pop["typical"], [1.57, 2.76, 31.5], rtol=0.03)
+        assert f.attrs["kind"] == "calibration" and f.attrs["n_imported"] == 144
+        assert len(f.attrs["observations_sha256"]) == 64
+        ka = f["cohort/ka"][:]
+        assert np.argmax(ka) == 8 and (f["status"][:] == 0).all()
+        assert f["observed/C"].shape == f["C"].shape == (12, len(f["time"]))
+        assert b"theo" not in f["cohort/pseudonym"][:].tobytes()  # identifiers never stored
+    a = run_twin("audit", tmp_path / "th")
+    assert a.returncode == 0, a.stderr
+    # rerun = resume: every chunk already journaled, identical result
+    before = datasets(tmp_path / "th" / "RUN.h5")
+    run_twin("calibrate", ROOT / "jobs" / "theoph_calibrate.toml", "-o", tmp_path / "th", "-q", check=True)
+    assert datasets(tmp_path / "th" / "RUN.h5") == before
+
+
+def test_bad_calibration_job_is_one_line(tmp_path):
+    job = (ROOT / "jobs" / "theoph_calibrate.toml").read_text().replace('parameters = ["ka", "CL", "V1"]',
+                                                                        'parameters = ["ka", "CL", "Vz"]')
+    (tmp_path / "j.toml").write_text(job.replace('"data/', f'"{ROOT}/jobs/data/'))
+    p = run_twin("calibrate", tmp_path / "j.toml", "-o", tmp_path / "o")
+    assert p.returncode == 2
+    assert p.stderr.count("\n") == 1 and "calibration" in p.stderr and "Vz" in p.stderr, p.stderr
+
+
+@pytest.mark.mpi
+@pytest.mark.skipif(MPIEXEC is None, reason="mpiexec not installed")
+def test_two_ranks_equal_one_rank_with_population_fit(tmp_path):
+    job, _ = write_pk_dataset(tmp_path / "d", n=240, seed=3, chunk_size=40, population=True, backend="cpu")
+    run_twin("calibrate", job, "-o", tmp_path / "r1", "-q", check=True)
+    p = subprocess.run(mpi_cmd(2, "calibrate", job, "-o", tmp_path / "r2", "-q"), capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr
+    a, b = datasets(tmp_path / "r1" / "RUN.h5"), datasets(tmp_path / "r2" / "RUN.h5")
+    assert sorted(a) == sorted(b)
+    assert [k for k in a if a[k] != b[k]] == []
+    with h5py.File(tmp_path / "r1" / "RUN.h5", "r") as f, h5py.File(tmp_path / "r2" / "RUN.h5", "r") as g:
+        assert f.attrs["population"] == g.attrs["population"]  # bit-identical population estimates (JSON text)
+        assert g.attrs["ranks"] == 2
+    logs = sorted((tmp_path / "r2" / "logs").glob("rank*.log"))
+    assert len(logs) == 2
