@@ -29,6 +29,7 @@ from ..observations import ObservationsSection
 class ErrorModel(Strict):
     additive: NonNeg = 0.0
     proportional: NonNeg = 0.0
+    correlation_time: NonNeg = 0.0  # residual autocorrelation exp(-dt/tau) (CGM noise), model time unit
 
     @model_validator(mode="after")
     def _some(self):

@@ -64,6 +64,10 @@ class FitProblem:
     err_prop: np.ndarray  # [n_out] proportional sd
     backend: str = "cpu"
     opts: SolverOptions = field(default_factory=lambda: SolverOptions(rtol=1e-8, atol=1e-10))
+    # correlation time of the residual errors per output (model time unit); 0 = independent.
+    # Errors of one patient and output Δt apart correlate as exp(-Δt/tau) (continuous AR(1), as
+    # CGM sensor noise does); residuals are whitened (Prais–Winsten) before the fit.
+    err_tau: np.ndarray | None = None
 
     @property
     def m(self) -> int:
@@ -127,6 +131,8 @@ def _terms(prob: FitProblem, y, f, S, phi, mu, Linv):
     J = -(S / sig[:, None]) - (r / sig)[:, None] * dsig  # d r / d phi
     J = np.where(obs[:, None], J, 0.0)
     dlog = np.where(obs[:, None], dsig / sig[:, None], 0.0)  # d log sigma / d phi
+    if prob.err_tau is not None and np.any(np.asarray(prob.err_tau) > 0):
+        r, J = _whiten(prob.times, obs, r, J, np.asarray(prob.err_tau, float))
     d = phi - mu
     rp = np.einsum("kl,cl->ck", Linv, d)
     obj = 0.5 * (r * r).sum(axis=(0, 2)) + np.where(obs, np.log(sig), 0.0).sum(axis=(0, 2)) + 0.5 * (rp * rp).sum(1)
@@ -134,6 +140,34 @@ def _terms(prob: FitProblem, y, f, S, phi, mu, Linv):
     H = np.einsum("okct,olct->ckl", J, J) + (Linv.T @ Linv)[None]
     chi2 = (r * r).sum(axis=(0, 2))
     return obj, grad, H, chi2, sig
+
+
+def _whiten(times, obs, r, J, tau):
+    """AR(1) whitening along time of each patient's observed residuals and their Jacobian rows:
+    e_i' = (e_i - c e_prev) / sqrt(1 - c^2), c = exp(-(t_i - t_prev)/tau); the first stays as is.
+    (The Jacobian of the log-determinant term is zero: c does not depend on phi.)"""
+    r, J = r.copy(), J.copy()
+    n_out, c_n, T = r.shape
+    for o in range(n_out):
+        if tau[o] <= 0:
+            continue
+        last_t = np.full(c_n, np.nan)
+        last_r = np.zeros(c_n)
+        last_J = np.zeros((J.shape[1], c_n))
+        for t in range(T):
+            ob = obs[o, :, t]
+            if not ob.any():
+                continue
+            has = ob & np.isfinite(last_t)
+            c = np.where(has, np.exp(-(times[t] - np.nan_to_num(last_t)) / tau[o]), 0.0)
+            s = 1.0 / np.sqrt(1.0 - c * c)
+            raw_r, raw_J = r[o, :, t].copy(), J[o, :, :, t].copy()
+            r[o, :, t] = np.where(ob, (raw_r - c * last_r) * s, r[o, :, t])
+            J[o, :, :, t] = np.where(ob, (raw_J - c * last_J) * s, J[o, :, :, t])
+            last_t = np.where(ob, times[t], last_t)
+            last_r = np.where(ob, raw_r, last_r)
+            last_J = np.where(ob, raw_J, last_J)
+    return r, J
 
 
 def map_fit(prob: FitProblem, phi0: np.ndarray | None = None, max_iter: int = 100, tol: float = 1e-9,

@@ -67,6 +67,7 @@ class CalibrationPlan:
         self.mu, self.omega = c.mu(), np.asarray(c.omega, float)
         self.err_add = np.array([c.error[o].additive for o in self.outputs])
         self.err_prop = np.array([c.error[o].proportional for o in self.outputs])
+        self.err_tau = np.array([c.error[o].correlation_time for o in self.outputs])
         self.layout = self._layout()
         self.population: dict | None = None
 
@@ -133,7 +134,7 @@ class CalibrationPlan:
 
             prob.events, prob.dose_fraction = dose_events(self.model, self.obs.dose_route, [p.doses for p in pats],
                                                           prob.P, c.infusion_duration)
-        return replace(prob, times=self.grid, y=yy)
+        return replace(prob, times=self.grid, y=yy, err_tau=self.err_tau)
 
     def compute_chunk(self, cid: int) -> dict[str, np.ndarray]:
         prob = self.problem(cid)
