@@ -1,0 +1,75 @@
+"""EnKF twins on streaming CGM: forecasts against persistence, chunk independence, alerts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine.assimilate import AlertRule, EnkfConfig, run_enkf
+from kernels.compile import c_compiler, ode_kernel
+from kernels.ode.integrate_numpy import SolverOptions
+
+pytestmark = pytest.mark.skipif(c_compiler() is None, reason="needs the C backend (UVA/Padova ensembles)")
+
+
+@pytest.fixture(scope="module")
+def scenario():
+    from engine.calibrate.glucose import MODEL, VARIED, cgm_noise, clip_cgm, population, therapy_events
+
+    n = 8
+    P = population(n, 31)
+    bf = np.array([1.0, 1.0, 1.0, 1.0, 3.0, 3.0, 1.0, 3.5])  # three over-bolused twins
+    ev = therapy_events(P, bf, meals=((60.0, 50.0), (360.0, 70.0)))
+    times = np.arange(5.0, 10 * 60 + 1, 5.0)
+    opts = SolverOptions(rtol=1e-6, atol=1e-8)
+    g, _ = ode_kernel(MODEL, "cpu").run(P, ev, times, opts, ["Gsub"], np.zeros(n, np.int8))
+    y = clip_cgm(g[0] + cgm_noise(len(times), n, 32))
+    params = list(VARIED)
+    Pm = P.copy()
+    for p in params:
+        Pm[MODEL.parameter_names.index(p)] = MODEL.defaults()[p]
+    cfg = EnkfConfig("Gsub", params, np.log([MODEL.defaults()[p] for p in params]),
+                     np.diag([VARIED[p] ** 2 for p in params]), obs_sd=10.0, members=16,
+                     rules=[AlertRule("hypo", "Gsub", 70.0)], seed=4, opts=opts)
+    res = run_enkf(MODEL, Pm, ev, times, y, np.arange(n, dtype=np.int64), cfg)
+    return dict(model=MODEL, P=Pm, ev=ev, times=times, y=y, g=g[0], cfg=cfg, res=res)
+
+
+def test_forecasts_beat_persistence(scenario):
+    r, g, y = scenario["res"], scenario["g"], scenario["y"]
+    assert (r.status == 0).all()
+    for lead, ratio in ((30.0, 0.8), (60.0, 0.7)):
+        li = int(lead / 5)
+        rm_f = np.sqrt(np.mean((r.forecast[lead][1][:, :-li] - g[:, li:]) ** 2))
+        rm_p = np.sqrt(np.mean((y[:, :-li] - g[:, li:]) ** 2))
+        # knowing the therapy schedule, the filtered twin must clearly beat "glucose stays where
+        # the sensor reads it" (measured on this scenario: ~0.5 at 30 min, ~0.35 at 60 min)
+        assert rm_f < ratio * rm_p, (lead, rm_f, rm_p)
+        lo, hi = r.forecast[lead][0], r.forecast[lead][2]
+        assert (lo <= r.forecast[lead][1]).all() and (r.forecast[lead][1] <= hi).all()
+
+
+def test_filter_is_chunk_independent(scenario):
+    s = scenario
+    idx = np.arange(8, dtype=np.int64)
+    part = run_enkf(s["model"], s["P"][:, 5:], s["ev"].__class__(*(a[:, 5:] for a in (s["ev"].time, s["ev"].kind,
+                    s["ev"].target, s["ev"].value))), s["times"], s["y"][5:], idx[5:], s["cfg"])
+    # member draws and perturbations are keyed by the patient index, each column integrates on its
+    # own: a twin filtered in another chunk gives the same numbers
+    np.testing.assert_array_equal(part.forecast[30.0], s["res"].forecast[30.0][:, 5:])
+    np.testing.assert_array_equal(part.probability["hypo"], s["res"].probability["hypo"][5:])
+
+
+def test_hypo_alerts_come_before_hypoglycaemia(scenario):
+    r, g = scenario["res"], scenario["g"]
+    a = r.alert["hypo"]
+    low = g < 70
+    assert low[[4, 5, 7]].any(axis=1).all() and not low[[0, 1, 2, 3, 6]].any()  # the scenario works
+    for i, k in zip(*np.nonzero(a)):
+        # no false alarm far from hypoglycaemia: true glucose below 80 mg/dL within 30 min of
+        # every alert (measured: alerts come with 57-78 mg/dL ahead; twins staying >= 111 have none)
+        assert g[i, k:k + 7].min() < 80, (i, k)
+    for i in (4, 5, 7):
+        onset = np.argmax(low[i])
+        # an alert at most 30 min (6 samples) before the onset, or at it
+        assert a[i, max(0, onset - 6):onset + 1].any(), f"twin {i}: no alert before onset at {scenario['times'][onset]}"
