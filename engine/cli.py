@@ -120,7 +120,11 @@ def _cmd_validate(args) -> int:
 
 def _cmd_summary(args) -> int:
     from .analysis import summary
+    from .calibrate.summary import is_calibration, summary_text
 
+    if is_calibration(args.result):  # twins fitted by `twin calibrate`: estimates, fit flags, alerts
+        print(summary_text(args.result))
+        return EXIT_OK
     print(summary(args.result))
     from .analysis import open_run
 

@@ -69,6 +69,26 @@ class ObsDoses(Strict):
     unit: str = "mg"
 
 
+class ObsInput(Strict):
+    """Rows that drive a model input (piecewise constant): `amount` rows (e.g. grams of a meal)
+    hold the input at `rate` for amount/rate time units; `rate` rows set the input's level from
+    their time on (e.g. a basal insulin rate). Values must be in `unit`, the model input's unit
+    for `rate` rows, the amount unit for `amount` rows."""
+
+    name: str  # CSV `variable` value
+    kind: Literal["amount", "rate"]
+    unit: str
+    rate: Pos | None = None  # amount rows: delivery rate, in the model input's unit
+
+    @model_validator(mode="after")
+    def _rate(self):
+        if self.kind == "amount" and self.rate is None:
+            raise ValueError("kind 'amount' needs 'rate' (how fast the amount is delivered)")
+        if self.kind == "rate" and self.rate is not None:
+            raise ValueError("'rate' is only for kind 'amount'")
+        return self
+
+
 class ObsPatients(Strict):
     """Patient registry: identifier and consent (same rules and key as [cohort.csv])."""
 
@@ -86,6 +106,7 @@ class ObservationsSection(Strict):
     patients: ObsPatients
     variables: Annotated[dict[Name, ObsVariable], Field(min_length=1)]
     doses: ObsDoses | None = None
+    inputs: dict[Name, ObsInput] = Field(default_factory=dict)  # model input name -> CSV rows
 
     @model_validator(mode="after")
     def _units(self):
@@ -115,6 +136,7 @@ class PatientRecords:
     pseudonym: bytes
     obs: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # var -> (times, values)
     doses: list[tuple[float, float]] = field(default_factory=list)  # (time, amount in dose unit)
+    inputs: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # input -> [(time, value)]
 
 
 @dataclass
@@ -167,6 +189,7 @@ class _Raw:
 
 
 _DOSE = "\x00dose"
+_INPUT = "\x00input:"
 
 
 def _number(s) -> float | None:
@@ -219,6 +242,14 @@ class _Collector:
             return self.error(where, "value", f"not a finite number: {str(value)[:30]!r}")
         if var == _DOSE:
             target, mm, what = self.sec.doses.unit, None, "dose"
+        elif var.startswith(_INPUT):
+            spec_in = self.sec.inputs[var[len(_INPUT):]]
+            if unit is None or str(unit).strip() != spec_in.unit:
+                return self.error(where, "unit", f"unit {unit!r}: {spec_in.name} rows must be in {spec_in.unit!r}")
+            if x < 0:
+                return self.error(where, "value", f"{spec_in.name} value {x} must be >= 0")
+            self.raw.append(_Raw(where, pid, time, var, x, str(unit)))
+            return None
         else:
             spec = self.sec.variables[var]
             target, mm, what = spec.unit, spec.molar_mass or DEFAULT_LOINC.get(var, ((), None))[1], var
@@ -255,7 +286,7 @@ class _Collector:
             keep: dict[str, list[tuple[float, float]]] = {}
             for r in recs:
                 t = (r.time - origin).total_seconds() / 3600.0 * tu if origin is not None else float(r.time)
-                name = "dose" if r.var == _DOSE else r.var
+                name = "dose" if r.var == _DOSE else r.var.removeprefix(_INPUT)
                 if (r.var, t) in seen:
                     same = seen[(r.var, t)] == r.value
                     self.error(r.where, "time", f"duplicate {name} record at time {t:g}" +
@@ -272,9 +303,11 @@ class _Collector:
                 a = np.array(tv, float)
                 if var == _DOSE:
                     pr.doses = [(float(t), float(v)) for t, v in a]
+                elif var.startswith(_INPUT):
+                    pr.inputs[var[len(_INPUT):]] = [(float(t), float(v)) for t, v in a]
                 else:
                     pr.obs[var] = (a[:, 0].copy(), a[:, 1].copy())
-            if pr.obs or pr.doses:
+            if pr.obs or pr.doses or pr.inputs:
                 patients.append(pr)
         self.issues.sort(key=lambda i: (i.record.split()[0], int(i.record.split()[1])))
         return Observations(patients, list(self.sec.variables), self.issues, self.n_records, n_ok,
@@ -291,11 +324,14 @@ def _import_csv(raw: bytes, path: Path, col: _Collector) -> None:
     ix = {h: header.index(h) for h in need}
     names = {(v.name or k): k for k, v in col.sec.variables.items()}
     dose_name = col.sec.doses.name if col.sec.doses else None
+    input_names = {v.name: k for k, v in col.sec.inputs.items()}
     for row, line in zip(rows, lines):
         where = f"line {line}"
         g = {h: row[i].strip() for h, i in ix.items()}
         if g["variable"] == dose_name:
             var = _DOSE
+        elif g["variable"] in input_names:
+            var = _INPUT + input_names[g["variable"]]
         elif g["variable"] in names:
             var = names[g["variable"]]
         else:

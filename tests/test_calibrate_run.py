@@ -72,3 +72,28 @@ def test_two_ranks_equal_one_rank_with_population_fit(tmp_path):
         assert g.attrs["ranks"] == 2
     logs = sorted((tmp_path / "r2" / "logs").glob("rank*.log"))
     assert len(logs) == 2
+
+
+def test_glucose_twins_job_assimilates_forecasts_and_alerts(tmp_path):
+    """CGM stream + meals/boluses/basal import -> MAP twins + EnKF forecasts + alerts in RUN.h5,
+    listed by `twin summary` with time, probability and evidence."""
+    env = {"OMP_NUM_THREADS": "1"}  # 2 shared cores: OpenMP barriers dominate the short windows
+    run_twin("calibrate", ROOT / "jobs" / "glucose_twins.toml", "-o", tmp_path / "g", "-q", env=env, check=True)
+    with h5py.File(tmp_path / "g" / "RUN.h5", "r") as f:
+        assert (f["status"][:] == 0).all()
+        alerts = f["alerts/hypo"][:]
+        obs = f["observed/Gsub"][:]
+        t = f["time"][:]
+        p50 = f["forecast/Gsub_h30_p50"][:]
+        lo, hi = f["forecast/Gsub_h30_p05"][:], f["forecast/Gsub_h30_p95"][:]
+        assert (lo <= p50).all() and (p50 <= hi).all()
+        # the over-bolused twins (data: bolus factors 3.0 and 3.5 for twins 2 and 4) are the ones alerted
+        assert set(np.nonzero(alerts.any(axis=1))[0]) <= {2, 4} and alerts[[2, 4]].any()
+        # 30-min forecasts beat persistence against the later CGM reading (noise included)
+        li = 6
+        rm_f = np.sqrt(np.nanmean((p50[:, :-li] - obs[:, li:]) ** 2))
+        rm_p = np.sqrt(np.nanmean((obs[:, :-li] - obs[:, li:]) ** 2))
+        assert rm_f < rm_p, (rm_f, rm_p)
+        assert t[1] - t[0] == 5.0
+    s = run_twin("summary", tmp_path / "g", check=True).stdout
+    assert "alerts: " in s and "hypo" in s and "P=" in s and "evidence: observed" in s

@@ -68,3 +68,35 @@ def cgm_noise(n_samples: int, m: int, seed: int, sensor: str = "GuardianRT") -> 
 def clip_cgm(g: np.ndarray, sensor: str = "GuardianRT") -> np.ndarray:
     s = SENSORS[sensor]
     return np.clip(g, s["min"], s["max"])
+
+
+def write_cgm_dataset(out, n: int = 6, seed: int = 17, hours: float = 12.0, bolus_factors=None) -> dict:
+    """Long CSV of CGM readings (every 5 min), meals (g), meal boluses (U) and the basal rate
+    (U/min) of `n` synthetic twins, plus a consent registry; returns the truth."""
+    from pathlib import Path
+
+    from kernels.compile import ode_kernel
+    from kernels.ode.integrate_numpy import SolverOptions
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    P = population(n, seed)
+    bf = np.ones(n) if bolus_factors is None else np.asarray(bolus_factors, float)
+    meals = tuple((t, g) for t, g in MEALS if t < hours * 60)
+    ev = therapy_events(P, bf, meals)
+    times = np.arange(5.0, hours * 60 + 1e-9, 5.0)
+    g, st = ode_kernel(MODEL, "cpu").run(P, ev, times, SolverOptions(rtol=1e-6, atol=1e-8), ["Gsub"],
+                                         np.zeros(n, np.int8))
+    cgm = clip_cgm(g[0] + cgm_noise(len(times), n, seed + 1))
+    basal = basal_rate(P)
+    rows = ["patient,time,variable,value,unit"]
+    for i in range(n):
+        pid = f"t1d-{i:03d}"
+        rows.append(f"{pid},0,basal,{basal[i]:.10g},U/min")
+        for t, gr in meals:
+            rows.append(f"{pid},{t:g},carbs,{gr:g},g")
+            rows.append(f"{pid},{t:g},bolus,{gr / CR * bf[i]:.10g},U")
+        rows += [f"{pid},{t:g},cgm,{v:.1f},mg/dL" for t, v in zip(times, cgm[i])]
+    (out / "cgm_stream.csv").write_text("\n".join(rows) + "\n")
+    (out / "cgm_patients.csv").write_text("id,consent\n" + "".join(f"t1d-{i:03d},true\n" for i in range(n)))
+    return {"P": P, "glucose": g[0], "cgm": cgm, "times": times}

@@ -21,7 +21,7 @@ from typing import Annotated, Literal
 import numpy as np
 from pydantic import Field, ValidationError, model_validator
 
-from ..config import JobSection, ModelSection, NonNeg, Pos, SolverSection, Strict, format_validation_error
+from ..config import JobSection, ModelSection, Name, NonNeg, Pos, SolverSection, Strict, format_validation_error
 from ..errors import JobError
 from ..observations import ObservationsSection
 
@@ -80,15 +80,67 @@ class CalibrationSection(Strict):
         return np.log([self.prior[p] for p in self.parameters])
 
 
+class AlertSpec(Strict):
+    name: Name
+    output: str
+    below: float | None = None
+    above: float | None = None
+    within: Pos = 30.0  # model time units after the forecast origin
+    probability: Annotated[float, Field(gt=0, le=1)] = 0.5
+    refractory: NonNeg = 30.0
+
+    @model_validator(mode="after")
+    def _one(self):
+        if (self.below is None) == (self.above is None):
+            raise ValueError("give exactly one of 'below' and 'above'")
+        return self
+
+
+class AssimilationSection(Strict):
+    """Stream each twin's observations through an ensemble Kalman filter (engine.assimilate)."""
+
+    output: str  # the observed output assimilated
+    parameters: list[str]  # estimated by the filter (a subset of calibration.parameters)
+    members: Annotated[int, Field(ge=4, le=4096)] = 32
+    obs_sd: Pos
+    inflation: Annotated[float, Field(ge=1.0, le=2.0)] = 1.02
+    horizon: Pos = 60.0
+    lead_step: Pos = 5.0
+    leads: Annotated[list[Pos], Field(min_length=1)] = Field(default_factory=lambda: [30.0, 60.0])
+    alerts: list[AlertSpec] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _leads(self):
+        for x in self.leads:
+            if x > self.horizon or abs(x / self.lead_step - round(x / self.lead_step)) > 1e-9:
+                raise ValueError(f"leads: {x} must be a multiple of lead_step={self.lead_step} within horizon={self.horizon}")
+        for a in self.alerts:
+            if a.output != self.output:
+                raise ValueError(f"alerts {a.name!r}: output {a.output!r} is not the assimilated output {self.output!r}")
+            if a.within > self.horizon:
+                raise ValueError(f"alerts {a.name!r}: within={a.within} is beyond horizon={self.horizon}")
+        return self
+
+
 class CalibrationJob(Strict):
     job: JobSection
     model: ModelSection
     solver: SolverSection = SolverSection()
     observations: ObservationsSection
     calibration: CalibrationSection
+    assimilation: AssimilationSection | None = None
 
     @model_validator(mode="after")
     def _names(self):
+        a = self.assimilation
+        if a is not None:
+            if a.output not in self.observations.variables:
+                raise ValueError(f"assimilation.output = {a.output!r} is not an observed variable "
+                                 f"({sorted(self.observations.variables)})")
+            bad = [p for p in a.parameters if p not in self.calibration.parameters]
+            if bad:
+                raise ValueError(f"assimilation.parameters = {bad}: not in calibration.parameters "
+                                 f"(the filter's prior comes from there)")
         for o in self.calibration.error:
             if o not in self.observations.variables:
                 raise ValueError(f"calibration.error.{o}: {o!r} is not an observed variable "
@@ -138,6 +190,9 @@ def load_calibration(path: str | Path) -> LoadedCalibration:
     if bad:
         raise JobError(f"{p}: key 'observations.variables' = {bad}: not outputs or states of {model.name} "
                        f"({model.observable()})")
+    bad = [i for i in job.observations.inputs if i not in model.input_names]
+    if bad:
+        raise JobError(f"{p}: key 'observations.inputs' = {bad}: not inputs of {model.name} ({model.input_names})")
     d = job.observations.doses
     if d is not None and d.route not in model.doses:
         raise JobError(f"{p}: key 'observations.doses.route' = {d.route!r}: {model.name} has routes {sorted(model.doses)}")

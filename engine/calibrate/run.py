@@ -108,6 +108,28 @@ class CalibrationPlan:
                              ("n_obs", "f8", "number of observations fitted"),
                              ("iterations", "i4", "Levenberg-Marquardt iterations")):
             v.append(VarSpec(f"calibration/{name}", ("patient",), dt, {"units": "1", "long_name": ln}))
+        a = self.job.assimilation
+        if a is not None:
+            u = m.unit_of(a.output)
+            for ld in a.leads:
+                for q in ("p05", "p50", "p95"):
+                    v.append(VarSpec(f"forecast/{a.output}_h{ld:g}_{q}", ("patient", "time"), "f8", {
+                        "units": u, "lead": ld, "long_name": f"EnKF forecast of {a.output} made at this time for "
+                                                             f"time + {ld:g} {m.time_unit}: {q[1:]}th percentile"}))
+            v.append(VarSpec(f"forecast/{a.output}_analysis", ("patient", "time"), "f8", {
+                "units": u, "long_name": f"EnKF ensemble-mean {a.output} after assimilating this time's observation"}))
+            for p in a.parameters:
+                v.append(VarSpec(f"forecast/{p}", ("patient", "time"), "f8", {
+                    "units": m.unit_of(p), "long_name": f"EnKF estimate of {p} (exp of the ensemble-mean log)"}))
+            for r in a.alerts:
+                cond = f"{'<' if r.below is not None else '>'} {r.below if r.below is not None else r.above:g}"
+                v.append(VarSpec(f"alerts/{r.name}", ("patient", "time"), "i1", {
+                    "long_name": f"alert raised: P({a.output} {cond} within {r.within:g} {m.time_unit}) >= {r.probability:g}",
+                    "flag_values": np.array([0, 1], "i1"), "flag_meanings": "none raised"}))
+                v.append(VarSpec(f"alerts/{r.name}_probability", ("patient", "time"), "f8", {
+                    "units": "1", "long_name": f"forecast probability of {a.output} {cond} within {r.within:g} {m.time_unit}"}))
+                v.append(VarSpec(f"alerts/{r.name}_lead", ("patient", "time"), "f8", {
+                    "units": m.time_unit, "long_name": "median predicted time to the crossing (NaN: most members do not cross)"}))
         return Layout(len(self.obs.patients), self.grid, m.time_unit, v, self.job.job.chunk_size)
 
     def opts(self) -> SolverOptions:
@@ -121,7 +143,8 @@ class CalibrationPlan:
         pats = self.obs.patients[s:e]
         c = self.job.calibration
         prob = build_problem(self.model, pats, self.params, self.outputs, dict(self.job.model.parameters), self.mu,
-                             self.omega, self.err_add, self.err_prop, self.obs.dose_route, self.backend.name, self.opts())
+                             self.omega, self.err_add, self.err_prop, self.obs.dose_route, self.backend.name, self.opts(),
+                             dict(self.job.observations.inputs), c.infusion_duration)
         _, y = observation_grid(pats, self.outputs)
         # every chunk on the global grid: a chunk's numbers must not depend on its neighbours
         yy = np.full((len(self.outputs), e - s, len(self.grid)), np.nan)
@@ -129,11 +152,6 @@ class CalibrationPlan:
             for i, o in enumerate(self.outputs):
                 if o in p.obs:
                     yy[i, j, np.searchsorted(self.grid, p.obs[o][0])] = p.obs[o][1]
-        if c.infusion_duration is not None:
-            from .problem import dose_events
-
-            prob.events, prob.dose_fraction = dose_events(self.model, self.obs.dose_route, [p.doses for p in pats],
-                                                          prob.P, c.infusion_duration)
         return replace(prob, times=self.grid, y=yy, err_tau=self.err_tau)
 
     def compute_chunk(self, cid: int) -> dict[str, np.ndarray]:
@@ -162,7 +180,35 @@ class CalibrationPlan:
         arrays["calibration/chi2"] = fit.chi2.astype(float)
         arrays["calibration/n_obs"] = fit.n_obs.astype(float)
         arrays["calibration/iterations"] = fit.iterations.astype(np.int32)
+        if self.job.assimilation is not None:
+            arrays.update(self.assimilate(prob, s, e))
         return arrays
+
+    def assimilate(self, prob: FitProblem, s: int, e: int) -> dict[str, np.ndarray]:
+        from ..assimilate import AlertRule, EnkfConfig, run_enkf
+
+        a = self.job.assimilation
+        sel = [self.params.index(p) for p in a.parameters]
+        rules = [AlertRule(r.name, r.output, r.below if r.below is not None else r.above,
+                           "below" if r.below is not None else "above", r.within, r.probability, r.refractory)
+                 for r in a.alerts]
+        cfg = EnkfConfig(a.output, list(a.parameters), np.asarray(self.mu)[sel], np.asarray(self.omega)[np.ix_(sel, sel)],
+                         a.obs_sd, a.members, a.inflation, a.horizon, a.lead_step, tuple(a.leads),
+                         rules=rules, seed=self.job.job.seed, backend=self.backend.name, opts=self.opts())
+        y = prob.y[self.outputs.index(a.output)]
+        r = run_enkf(self.model, prob.P, prob.events, self.grid, y, np.arange(s, e, dtype=np.int64), cfg)
+        out: dict[str, np.ndarray] = {}
+        for ld in a.leads:
+            for i, q in enumerate(("p05", "p50", "p95")):
+                out[f"forecast/{a.output}_h{ld:g}_{q}"] = np.ascontiguousarray(r.forecast[ld][i])
+        out[f"forecast/{a.output}_analysis"] = np.ascontiguousarray(r.analysis)
+        for j, p in enumerate(a.parameters):
+            out[f"forecast/{p}"] = np.ascontiguousarray(np.exp(r.params[:, j]))
+        for rule in a.alerts:
+            out[f"alerts/{rule.name}"] = r.alert[rule.name].astype(np.int8)
+            out[f"alerts/{rule.name}_probability"] = np.ascontiguousarray(r.probability[rule.name])
+            out[f"alerts/{rule.name}_lead"] = np.ascontiguousarray(r.crossing[rule.name])
+        return out
 
     def fit_population(self, comm) -> None:
         c = self.job.calibration
