@@ -101,6 +101,20 @@ def _cmd_calibrate(args) -> int:
 def _cmd_validate(args) -> int:
     from .config import load_job
 
+    if _is_calibration_job(args.job):
+        from .calibrate.job import load_calibration
+        from .calibrate.run import CalibrationPlan
+
+        loaded = load_calibration(args.job)
+        plan = CalibrationPlan(loaded)  # what calibrate would refuse: model, backend, import, key
+        c = loaded.job.calibration
+        print(f"{args.job}: ok")
+        print(f"  calibration {loaded.job.job.name}: model {plan.model.name}, {len(plan.obs.patients)} patients "
+              f"({plan.obs.n_imported}/{plan.obs.n_records} records importable, {len(plan.obs.issues)} rejected), "
+              f"estimating {', '.join(c.parameters)}{' with a population fit' if c.population else ''}"
+              f"{'; EnKF assimilation' if loaded.job.assimilation else ''}; sha256 {loaded.sha256[:16]}")
+        return EXIT_OK
+
     from .runner import make_plan
 
     loaded = load_job(args.job)
@@ -109,13 +123,23 @@ def _cmd_validate(args) -> int:
 
     model = job_model(loaded)
     make_plan(loaded)  # what run would refuse, validate refuses: backend, cohort build (CSV, key), names
-    n = j.cohort.size if j.cohort.size is not None else f"CSV {j.cohort.csv.path}"
+    n = j.cohort.size if j.cohort.size is not None else (
+        f"calibrated twins of {j.cohort.calibrated.run}" if j.cohort.calibrated is not None else f"CSV {j.cohort.csv.path}")
     n_chunks = f"{-(-j.cohort.size // j.job.chunk_size)} chunks of {j.job.chunk_size}" if j.cohort.size else f"chunks of {j.job.chunk_size}"
     print(f"{args.job}: ok")
     print(f"  job {j.job.name}: model {model.name}, {n} patients in {n_chunks}, seed {j.job.seed}, backend {j.job.backend}")
     print(f"  arms: {', '.join(a.name for a in j.arms)}; outputs {', '.join(j.outputs.variables)} "
           f"at {len(j.outputs.time_values())} times; sha256 {loaded.sha256[:16]}")
     return EXIT_OK
+
+
+def _is_calibration_job(path) -> bool:
+    import tomllib
+
+    try:
+        return "calibration" in tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return False  # load_job reports the problem
 
 
 def _cmd_summary(args) -> int:
