@@ -164,7 +164,10 @@ def _cmd_summary(args) -> int:
 
 def _cmd_report(args) -> int:
     from .analysis import report
+    from .calibrate.summary import is_calibration
 
+    if is_calibration(args.result):  # individual fits, residual diagnostics, forecasts and alerts
+        from .calibrate.report import report
     paths = report(args.result, args.output)
     for p in paths:
         print(p)

@@ -24,6 +24,7 @@ import hashlib
 import hmac
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -309,9 +310,14 @@ class _Collector:
                     pr.obs[var] = (a[:, 0].copy(), a[:, 1].copy())
             if pr.obs or pr.doses or pr.inputs:
                 patients.append(pr)
-        self.issues.sort(key=lambda i: (i.record.split()[0], int(i.record.split()[1])))
+        self.issues.sort(key=_record_order)
         return Observations(patients, list(self.sec.variables), self.issues, self.n_records, n_ok,
                             len(self.no_consent), sha, self.sec.doses.route if self.sec.doses else None)
+
+
+def _record_order(i: Issue) -> tuple:
+    m = re.match(r"(\w+) (\d+)(.*)", i.record)
+    return (m.group(1), int(m.group(2)), m.group(3)) if m else (i.record, 0, "")
 
 
 # ---------------------------------------------------------------- CSV

@@ -188,3 +188,19 @@ def test_uva_padova_recovery_from_noisy_cgm():
     # 0.45): the whitening is what makes the intervals honest
     naive = map_fit(replace(prob, err_tau=None))
     assert (np.abs(naive.phi - truth) / naive.sd() < 1.959964).mean() < 0.7
+
+
+def test_failures_are_flagged_not_dropped():
+    """No observations -> prior kept, flagged; a simulation failure -> flagged; the rest fitted."""
+    times = np.array([1.0, 2.0, 4.0, 8.0])
+    pats, truth, mu, om, a, b = synthetic_pk(3, 2, times)
+    pats[1] = PatientRecords(b"%064d" % 1, {}, [(0.0, 500.0)])  # a dose, no concentrations
+    prob = build_problem(PK, pats, ["ka", "CL", "V1"], ["C"], {"F": 1.0}, mu, om, [a], [b], "oral", BACKENDS[-1])
+    prob.opts = SolverOptions(rtol=1e-8, atol=1e-10, max_steps=5)  # patient 2 cannot finish with 5 steps...
+    fit = map_fit(prob, status_in=np.array([0, 0, 0], np.int8))
+    assert fit.status.tolist() == [FIT_STATUS["simulation_failed"]] * 3  # ...nor can anyone: all flagged
+    prob.opts = SolverOptions(rtol=1e-8, atol=1e-10)
+    fit = map_fit(prob)
+    assert fit.status.tolist() == [0, FIT_STATUS["no_observations"], 0]
+    np.testing.assert_allclose(fit.phi[1], mu, atol=1e-12)  # nothing observed: the MAP is the prior mean
+    np.testing.assert_allclose(fit.cov[1], om, rtol=1e-10)  # and the Laplace covariance the prior's

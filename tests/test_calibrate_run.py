@@ -41,6 +41,11 @@ def test_theophylline_job_end_to_end(tmp_path):
         assert b"theo" not in f["cohort/pseudonym"][:].tobytes()  # identifiers never stored
     a = run_twin("audit", tmp_path / "th")
     assert a.returncode == 0, a.stderr
+    rep = run_twin("report", tmp_path / "th", "-o", tmp_path / "plots", check=True).stdout.split()
+    assert sorted(Path(x).name for x in rep) == ["fits_C.png", "residuals_C.png"]
+    assert all(Path(x).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for x in rep)
+    s = run_twin("summary", tmp_path / "th", check=True).stdout
+    assert "typical 1.56" in s and "alerts: 0" in s
     # rerun = resume: every chunk already journaled, identical result
     before = datasets(tmp_path / "th" / "RUN.h5")
     run_twin("calibrate", ROOT / "jobs" / "theoph_calibrate.toml", "-o", tmp_path / "th", "-q", check=True)
@@ -97,3 +102,50 @@ def test_glucose_twins_job_assimilates_forecasts_and_alerts(tmp_path):
         assert t[1] - t[0] == 5.0
     s = run_twin("summary", tmp_path / "g", check=True).stdout
     assert "alerts: " in s and "hypo" in s and "P=" in s and "evidence: observed" in s
+
+
+def test_fhir_bundle_with_bad_records_calibrates_good_ones(tmp_path):
+    """The FHIR corpus through `twin calibrate`: rejected records listed in import_issues.csv,
+    the good CGM records fitted (UVA/Padova twin in its basal state, one parameter)."""
+    data = ROOT / "tests" / "data" / "calib"
+    job = tmp_path / "fhir.toml"
+    job.write_text(f"""[job]
+name = "fhir"
+seed = 1
+chunk_size = 2
+backend = "auto"
+[model]
+name = "uva_padova_t1d"
+[observations]
+path = "{data / 'bad_bundle.json'}"
+format = "fhir"
+time_unit = "min"
+[observations.patients]
+path = "{data / 'obs_patients.csv'}"
+id_column = "id"
+consent_column = "consent"
+key_env = "TEST_KEY"
+[observations.variables.Gsub]
+loinc = ["99504-3"]
+unit = "mg/dL"
+molar_mass = 180.156
+[calibration]
+parameters = ["kp2"]
+prior = {{ kp2 = 0.00469 }}
+omega = [[0.0625]]
+[calibration.error.Gsub]
+additive = 10.0
+""")
+    p = run_twin("calibrate", job, "-o", tmp_path / "o", "-q", env={"TEST_KEY": "k", "OMP_NUM_THREADS": "1"}, check=True)
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "o" / "import_issues.csv")))
+    assert {r["record"] for r in rows} >= {"entry 4", "entry 5", "entry 6", "entry 7", "entry 8", "entry 9", "entry 10",
+                                            "entry 15", "entry 16", "entry 17"}
+    with h5py.File(tmp_path / "o" / "RUN.h5", "r") as f:
+        # anna: CGM at 0 and 5 min (6.1 mmol/L); ben's records are not mapped in this job (issues)
+        assert f["patient"].shape == (1,) and f["calibration/n_obs"][:].tolist() == [2.0]
+        assert f["status"][:].tolist() == [0]
+        np.testing.assert_allclose(f["observed/Gsub"][0][np.isfinite(f["observed/Gsub"][0])], [110.0, 6.1 * 18.0156])
+        assert f.attrs["n_import_issues"] == len(rows)
+    assert "records rejected" in p.stderr
