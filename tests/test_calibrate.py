@@ -204,3 +204,30 @@ def test_failures_are_flagged_not_dropped():
     assert fit.status.tolist() == [0, FIT_STATUS["no_observations"], 0]
     np.testing.assert_allclose(fit.phi[1], mu, atol=1e-12)  # nothing observed: the MAP is the prior mean
     np.testing.assert_allclose(fit.cov[1], om, rtol=1e-10)  # and the Laplace covariance the prior's
+
+
+@pytest.mark.parametrize("name,params", [("pk_1cmt", ["ka", "CL", "V1", "F"]),
+                                         pytest.param("uva_padova_t1d", ["Vmx", "kp2", "kabs", "kp3"],
+                                                      marks=pytest.mark.slow)])  # ~25 s of NVRTC
+def test_sensitivity_models_compile_for_cuda(name, params):
+    """The augmented models go through the same CUDA code path as any model: NVRTC compiles them
+    with the options CuPy's RawModule uses (no GPU needed)."""
+    import ctypes
+
+    from tests.test_kernel_parity import NVRTC
+
+    if NVRTC is None:
+        pytest.skip("NVRTC (nvidia-cuda-nvrtc) not installed")
+    from kernels.ode.codegen_c import kernel_source
+
+    src = kernel_source(augment(get_model(name), params, [get_model(name).output_names[0]]).model).encode()
+    prog = ctypes.c_void_p()
+    assert NVRTC.nvrtcCreateProgram(ctypes.byref(prog), src, b"sens.cu", 0, None, None) == 0
+    opts = (ctypes.c_char_p * 2)(b"--std=c++14", b"-arch=compute_90")
+    rc = NVRTC.nvrtcCompileProgram(prog, 2, opts)
+    n = ctypes.c_size_t()
+    NVRTC.nvrtcGetProgramLogSize(prog, ctypes.byref(n))
+    log = ctypes.create_string_buffer(n.value)
+    NVRTC.nvrtcGetProgramLog(prog, log)
+    NVRTC.nvrtcDestroyProgram(ctypes.byref(prog))
+    assert rc == 0, log.value.decode()[-2000:]

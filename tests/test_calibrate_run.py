@@ -34,7 +34,8 @@ def test_theophylline_job_end_to_end(tmp_path):
         # same Laplace-EM estimates as tests/test_calibrate.py (nlmixr2 SAEM: 1.57, 2.76, 31.5)
         np.testing.assert_allclose(pop["typical"], [1.57, 2.76, 31.5], rtol=0.03)
         assert f.attrs["kind"] == "calibration" and f.attrs["n_imported"] == 144
-        assert len(f.attrs["observations_sha256"]) == 64
+        assert len(f.attrs["observations_sha256"]) == 64 and len(f.attrs["model_sha256"]) == 64
+        assert json.loads(f.attrs["prior"])["typical"] == {"ka": 1.5, "CL": 2.8, "V1": 32.0}
         ka = f["cohort/ka"][:]
         assert np.argmax(ka) == 8 and (f["status"][:] == 0).all()
         assert f["observed/C"].shape == f["C"].shape == (12, len(f["time"]))
@@ -149,3 +150,21 @@ additive = 10.0
         np.testing.assert_allclose(f["observed/Gsub"][0][np.isfinite(f["observed/Gsub"][0])], [110.0, 6.1 * 18.0156])
         assert f.attrs["n_import_issues"] == len(rows)
     assert "records rejected" in p.stderr
+
+
+@pytest.mark.mpi
+@pytest.mark.skipif(MPIEXEC is None, reason="mpiexec not installed")
+def test_glucose_twins_two_ranks_equal_one_rank(tmp_path):
+    """EnKF members and perturbations are keyed by patient index: forecasts and alerts too are
+    bit-identical over ranks (2 chunks of 3 twins)."""
+    env = {"OMP_NUM_THREADS": "1"}
+    job = ROOT / "jobs" / "glucose_twins.toml"
+    run_twin("calibrate", job, "-o", tmp_path / "r1", "-q", env=env, check=True)
+    import os
+
+    p = subprocess.run(mpi_cmd(2, "calibrate", job, "-o", tmp_path / "r2", "-q"), capture_output=True, text=True,
+                       timeout=300, env={**os.environ, **env})
+    assert p.returncode == 0, p.stderr
+    a, b = datasets(tmp_path / "r1" / "RUN.h5"), datasets(tmp_path / "r2" / "RUN.h5")
+    assert any(k.startswith("alerts/") for k in a)
+    assert [k for k in a if a[k] != b[k]] == [] and sorted(a) == sorted(b)

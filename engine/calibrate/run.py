@@ -271,6 +271,7 @@ def calibrate(loaded: LoadedCalibration, run_dir: Path, comm, quiet: bool = Fals
                                       loaded.job.job.seed)
             provenance.append_record(run_dir, {"event": "start", "kind": KIND, "attempt": attempt,
                                                "job_sha256": loaded.sha256, "observations_sha256": plan.obs.sha256,
+                                               "model": plan.model.name, "model_sha256": model_sha256(plan.model),
                                                "ranks": size, "backend": plan.backend.name, "time": prov["start_time"]})
             _write_issues(run_dir, plan.obs)
             info = (attempt, done, prov, None)
@@ -286,6 +287,13 @@ def calibrate(loaded: LoadedCalibration, run_dir: Path, comm, quiet: bool = Fals
     finally:
         if lock is not None:
             lock.release()
+
+
+def model_sha256(model) -> str:
+    """Fingerprint of the model declaration that produced the twins (equations, defaults, units)."""
+    import hashlib
+
+    return hashlib.sha256(repr(model).encode()).hexdigest()
 
 
 def _write_issues(run_dir: Path, obs: Observations) -> None:
@@ -361,7 +369,8 @@ def _fit_chunks(plan: CalibrationPlan, run_dir, comm, quiet, stop, attempt, done
                                                       "time": provenance.utc_now()})
             job = plan.job
             attrs = {**prov, "kind": KIND, "job_name": job.job.name, "model": plan.model.name,
-                     "model_reference": plan.model.reference, "backend": plan.backend.name,
+                     "model_reference": plan.model.reference, "model_sha256": model_sha256(plan.model),
+                     "backend": plan.backend.name,
                      "device": plan.backend.device, "ranks": size, "attempt": attempt, "end_time": provenance.utc_now(),
                      "n_patients": lay.n_patients, "observations_sha256": plan.obs.sha256,
                      "observations_format": job.observations.format,
