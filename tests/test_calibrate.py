@@ -267,3 +267,28 @@ def test_theophylline_individual_maps_match_scipy_on_closed_form():
         cov = np.linalg.inv(J.T @ J + Li.T @ Li)
         # same Gauss–Newton Hessian, sensitivities from the rtol-1e-8 kernel: 1e-5 relative
         np.testing.assert_allclose(fit.cov[i], cov, rtol=1e-5, atol=1e-9)
+
+
+def test_population_fit_recovers_synthetic_population_proportional_error():
+    """Laplace EM on 300 synthetic twins (known population, proportional error 10 %)."""
+    times = np.array([0.5, 1.0, 2.0, 4.0, 6.0, 8.0, 12.0, 24.0])
+    rng = np.random.default_rng(21)
+    mu, om, b = np.log([1.2, 4.0, 40.0]), np.diag([0.2, 0.1, 0.05]), 0.1
+    phi = mu + rng.standard_normal((300, 3)) @ np.linalg.cholesky(om).T
+    pats = []
+    for i, (ka, CL, V) in enumerate(np.exp(phi)):
+        c = closed_form(times, 500.0, ka, CL, V)
+        pats.append(PatientRecords(b"%064d" % i, {"C": (times, c * (1 + b * rng.standard_normal(len(times))))},
+                                   [(0.0, 500.0)]))
+    start = build_problem(PK, pats, ["ka", "CL", "V1"], ["C"], {"F": 1.0}, np.log([2.0, 3.0, 30.0]),
+                          np.diag([0.5, 0.5, 0.5]), [0.0], [0.3], "oral", BACKENDS[-1])
+    pop = population_fit(start, error="proportional")
+    assert pop.converged
+    # sampling error of 300 twins: sd(mean log) = sqrt(omega/300) <= 0.026, so 0.06 on log typical
+    # values is > 2 sd; variances of 300 draws are known to ~8% (+ shrinkage of the Laplace EM)
+    # the Laplace (FOCE-type) approximation biases the least determined parameter, ka, by ~3 %
+    # (measured: -0.031 in log ka vs the sample mean; CL, V within 0.006)
+    np.testing.assert_allclose(pop.mu, phi.mean(axis=0), atol=0.045)
+    np.testing.assert_allclose(pop.mu, mu, atol=0.06)
+    np.testing.assert_allclose(np.diag(pop.omega), np.diag(om), rtol=0.25)
+    np.testing.assert_allclose(pop.err_prop, [b], rtol=0.05)
