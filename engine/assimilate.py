@@ -15,7 +15,7 @@ At each observation time t_k (per twin, only where it has an observation):
   prediction      propagate the analysed members to t_k + horizon (therapy schedule known:
                   basal, announced meals and boluses) and keep quantiles at each lead time
   alerts          P(output crosses the threshold within `within`) = fraction of members whose
-                  prediction does; an alert is raised when it rises to `probability` (one alert
+                  prediction does (trend rules: rises/falls by more than the threshold); an alert is raised when it rises to `probability` (one alert
                   per predicted event, not one per sample while it stays high) and the twin had
                   no alert of that rule in the last `refractory` time units
 """
@@ -42,7 +42,9 @@ class AlertRule:
     name: str
     output: str
     threshold: float
-    direction: str = "below"  # below | above
+    # below / above: the output crosses `threshold`; rise / fall (trend rules): the output moves
+    # by more than `threshold` from its current (analysed) value within `within`
+    direction: str = "below"
     within: float = 30.0  # model time units after the forecast origin
     probability: float = 0.5
     refractory: float = 30.0
@@ -163,7 +165,9 @@ def run_enkf(model: Model, P: np.ndarray, events: Events, times: np.ndarray, y: 
         for r in cfg.rules:
             n_w = int(round(r.within / cfg.lead_step))
             w = pred[:, :, 1:1 + n_w]
-            hit = (w < r.threshold) if r.direction == "below" else (w > r.threshold)
+            now = pred[:, :, :1]
+            hit = {"below": lambda: w < r.threshold, "above": lambda: w > r.threshold,
+                   "rise": lambda: w - now > r.threshold, "fall": lambda: now - w > r.threshold}[r.direction]()
             p = hit.any(axis=2).mean(axis=1)
             p[~ok_tw] = np.nan
             prob[r.name][:, t_i] = p

@@ -85,15 +85,22 @@ class AlertSpec(Strict):
     output: str
     below: float | None = None
     above: float | None = None
+    rise: Pos | None = None  # trend rules: change from the current value within `within`
+    fall: Pos | None = None
     within: Pos = 30.0  # model time units after the forecast origin
     probability: Annotated[float, Field(gt=0, le=1)] = 0.5
     refractory: NonNeg = 30.0
 
     @model_validator(mode="after")
     def _one(self):
-        if (self.below is None) == (self.above is None):
-            raise ValueError("give exactly one of 'below' and 'above'")
+        given = [k for k in ("below", "above", "rise", "fall") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of 'below', 'above', 'rise', 'fall' (got {given or 'none'})")
         return self
+
+    def rule(self) -> tuple[str, float]:
+        k = next(k for k in ("below", "above", "rise", "fall") if getattr(self, k) is not None)
+        return k, float(getattr(self, k))
 
 
 class AssimilationSection(Strict):

@@ -122,7 +122,9 @@ class CalibrationPlan:
                 v.append(VarSpec(f"forecast/{p}", ("patient", "time"), "f8", {
                     "units": m.unit_of(p), "long_name": f"EnKF estimate of {p} (exp of the ensemble-mean log)"}))
             for r in a.alerts:
-                cond = f"{'<' if r.below is not None else '>'} {r.below if r.below is not None else r.above:g}"
+                kind, val = r.rule()
+                cond = {"below": f"< {val:g}", "above": f"> {val:g}", "rise": f"rises by > {val:g}",
+                        "fall": f"falls by > {val:g}"}[kind]
                 v.append(VarSpec(f"alerts/{r.name}", ("patient", "time"), "i1", {
                     "long_name": f"alert raised: P({a.output} {cond} within {r.within:g} {m.time_unit}) >= {r.probability:g}",
                     "flag_values": np.array([0, 1], "i1"), "flag_meanings": "none raised"}))
@@ -189,8 +191,7 @@ class CalibrationPlan:
 
         a = self.job.assimilation
         sel = [self.params.index(p) for p in a.parameters]
-        rules = [AlertRule(r.name, r.output, r.below if r.below is not None else r.above,
-                           "below" if r.below is not None else "above", r.within, r.probability, r.refractory)
+        rules = [AlertRule(r.name, r.output, r.rule()[1], r.rule()[0], r.within, r.probability, r.refractory)
                  for r in a.alerts]
         cfg = EnkfConfig(a.output, list(a.parameters), np.asarray(self.mu)[sel], np.asarray(self.omega)[np.ix_(sel, sel)],
                          a.obs_sd, a.members, a.inflation, a.horizon, a.lead_step, tuple(a.leads),

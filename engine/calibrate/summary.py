@@ -94,7 +94,7 @@ def summary_text(path) -> str:
         lines.append(f"alerts: {len(al)}")
         for x in al[:50]:
             ev = ", ".join(f"{k} {v:.4g}" for k, v in x["evidence"].items())
-            lines.append(f"  {x['rule']:<8} twin {x['patient']:>5} ({x['pseudonym']}) t={x['time']:g}  "
+            lines.append(f"  {x['rule']:<12} twin {x['patient']:>5} ({x['pseudonym']}) t={x['time']:g}  "
                          f"P={x['probability']:.2f}  evidence: {ev}")
         if len(al) > 50:
             lines.append(f"  ... {len(al) - 50} more")
