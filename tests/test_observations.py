@@ -6,7 +6,6 @@ must import, converted to the job's unit, under the cohort's keyed pseudonyms an
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 from pathlib import Path
 
