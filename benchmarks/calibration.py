@@ -189,7 +189,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--twins", type=int, default=100)
     ap.add_argument("--patients", type=int, default=10_000)
-    ap.add_argument("--out", default="bench_calibration")
+    ap.add_argument("--out", default="runs/bench_calibration", help="scratch directory for the data and runs")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
