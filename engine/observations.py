@@ -150,6 +150,7 @@ class Observations:
     n_excluded_no_consent: int
     sha256: str  # of the observation file
     dose_route: str | None = None
+    n_without_records: int = 0  # consenting registry patients with no importable record (not twins)
 
 
 # ---------------------------------------------------------------- registry
@@ -311,8 +312,10 @@ class _Collector:
             if pr.obs or pr.doses or pr.inputs:
                 patients.append(pr)
         self.issues.sort(key=_record_order)
+        n_consent = sum(1 for v in self.reg.values() if v[1])
         return Observations(patients, list(self.sec.variables), self.issues, self.n_records, n_ok,
-                            len(self.no_consent), sha, self.sec.doses.route if self.sec.doses else None)
+                            len(self.no_consent), sha, self.sec.doses.route if self.sec.doses else None,
+                            n_consent - len(patients))
 
 
 def _record_order(i: Issue) -> tuple:

@@ -58,6 +58,7 @@ def test_csv_bad_records_each_named_good_records_imported():
             ("line 20", "patient")}  # not in the registry
     assert got == want and len(o.issues) == len(want)
     assert o.n_records == 19 and o.n_imported == 6 and o.n_excluded_no_consent == 1  # dora: consent no
+    assert o.n_without_records == 0
     by = {p.pseudonym: p for p in o.patients}
     assert set(by) == {pseudo("anna"), pseudo("ben"), pseudo("carl")}
     t, v = by[pseudo("anna")].obs["glucose"]
@@ -90,6 +91,7 @@ def test_fhir_bundle_bad_entries_named_good_entries_imported():
                    ("entry 11", "status"), ("entry 15", "patient"), ("entry 16", "code"),
                    ("entry 17", "resource")}, o.issues
     assert o.n_excluded_no_consent == 1
+    assert o.n_without_records == 1  # carl consented but has no Observation in the Bundle
     by = {p.pseudonym: p for p in o.patients}
     t, v = by[pseudo("anna")].obs["cgm"]
     np.testing.assert_array_equal(t, [0.0, 5.0])  # minutes after the patient's first record

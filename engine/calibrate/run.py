@@ -377,6 +377,7 @@ def _fit_chunks(plan: CalibrationPlan, run_dir, comm, quiet, stop, attempt, done
                      "observations_format": job.observations.format,
                      "n_records": plan.obs.n_records, "n_imported": plan.obs.n_imported,
                      "n_import_issues": len(plan.obs.issues), "n_excluded_no_consent": plan.obs.n_excluded_no_consent,
+                     "n_registry_without_records": plan.obs.n_without_records,
                      "prior": json.dumps({"parameters": plan.params, "typical": dict(job.calibration.prior),
                                           "omega": job.calibration.omega}),
                      "population": json.dumps(plan.population) if plan.population else "",

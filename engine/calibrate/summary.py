@@ -63,7 +63,8 @@ def summary_text(path) -> str:
         lines.append(f"calibration {a.get('job_name')}: model {a.get('model')}, {a.get('n_patients')} twins, "
                      f"observations sha256 {str(a.get('observations_sha256'))[:16]} ({a.get('observations_format')}), "
                      f"{a.get('n_imported')}/{a.get('n_records')} records imported, {a.get('n_import_issues')} rejected "
-                     f"(import_issues.csv), {a.get('n_excluded_no_consent')} patients without consent")
+                     f"(import_issues.csv), {a.get('n_excluded_no_consent')} patients without consent, "
+                     f"{a.get('n_registry_without_records', 0)} consenting patients without an importable record")
         st = f["status"]
         names = st.attrs["flag_meanings"].split()
         vals = list(st.attrs["flag_values"])
