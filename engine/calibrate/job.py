@@ -185,6 +185,9 @@ def load_calibration(path: str | Path) -> LoadedCalibration:
     except ValidationError as e:
         raise JobError(format_validation_error(e, str(p))) from None
     loaded = LoadedCalibration(job, text, p.resolve())
+    if job.solver.precision != "float64":
+        raise JobError(f"{p}: key 'solver.precision' = {job.solver.precision!r}: calibration and assimilation run in "
+                       "float64 (Gauss-Newton steps need sensitivities accurate beyond float32's ~1e-5)")
     from ..models import job_model
 
     model = job_model(loaded)
