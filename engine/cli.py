@@ -25,6 +25,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("-o", "--output", help="run directory (default runs/<job name>)")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bar (batch logs)")
 
+    c = sub.add_parser("calibrate", help="fit every patient's twin to its observations (also under mpiexec/srun)")
+    c.add_argument("job", help="calibration job file (.toml)")
+    c.add_argument("-o", "--output", help="run directory (default runs/<job name>)")
+    c.add_argument("-q", "--quiet", action="store_true", help="no progress messages on stdout")
+
     v = sub.add_parser("validate", help="check a job file and print what it would run")
     v.add_argument("job")
 
@@ -83,8 +88,32 @@ def _cmd_run(args) -> int:
     return run(loaded, out, comm, quiet=args.quiet)
 
 
+def _cmd_calibrate(args) -> int:
+    from .calibrate.job import load_calibration
+    from .calibrate.run import calibrate
+    from .parallel import world
+
+    loaded = load_calibration(args.job)
+    out = Path(args.output) if args.output else Path("runs") / loaded.job.job.name
+    return calibrate(loaded, out, world(), quiet=args.quiet)
+
+
 def _cmd_validate(args) -> int:
     from .config import load_job
+
+    if _is_calibration_job(args.job):
+        from .calibrate.job import load_calibration
+        from .calibrate.run import CalibrationPlan
+
+        loaded = load_calibration(args.job)
+        plan = CalibrationPlan(loaded)  # what calibrate would refuse: model, backend, import, key
+        c = loaded.job.calibration
+        print(f"{args.job}: ok")
+        print(f"  calibration {loaded.job.job.name}: model {plan.model.name}, {len(plan.obs.patients)} patients "
+              f"({plan.obs.n_imported}/{plan.obs.n_records} records importable, {len(plan.obs.issues)} rejected), "
+              f"estimating {', '.join(c.parameters)}{' with a population fit' if c.population else ''}"
+              f"{'; EnKF assimilation' if loaded.job.assimilation else ''}; sha256 {loaded.sha256[:16]}")
+        return EXIT_OK
 
     from .runner import make_plan
 
@@ -101,7 +130,8 @@ def _cmd_validate(args) -> int:
               f"conditions = {lay.n_patients} items in {lay.n_chunks()} chunks of {j.job.chunk_size}, seed {j.job.seed}, "
               f"backend {j.job.backend}; sha256 {loaded.sha256[:16]}")
         return EXIT_OK
-    n = j.cohort.size if j.cohort.size is not None else f"CSV {j.cohort.csv.path}"
+    n = j.cohort.size if j.cohort.size is not None else (
+        f"calibrated twins of {j.cohort.calibrated.run}" if j.cohort.calibrated is not None else f"CSV {j.cohort.csv.path}")
     n_chunks = f"{-(-j.cohort.size // j.job.chunk_size)} chunks of {j.job.chunk_size}" if j.cohort.size else f"chunks of {j.job.chunk_size}"
     print(f"{args.job}: ok")
     print(f"  job {j.job.name}: model {model.name}, {n} patients in {n_chunks}, seed {j.job.seed}, backend {j.job.backend}")
@@ -122,15 +152,28 @@ def _is_screen(result) -> bool:
         return False
 
 
+def _is_calibration_job(path) -> bool:
+    import tomllib
+
+    try:
+        return "calibration" in tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return False  # load_job reports the problem
+
+
 def _cmd_summary(args) -> int:
     from .analysis import summary
+    from .calibrate.summary import is_calibration, summary_text
 
+    if is_calibration(args.result):  # twins fitted by `twin calibrate`: estimates, fit flags, alerts
+        print(summary_text(args.result))
+        return EXIT_OK
     print(summary(args.result))
     if _is_screen(args.result):
-        from .cipa import summary_text
+        from .cipa import summary_text as tdp_text
 
         try:
-            print(summary_text(args.result))
+            print(tdp_text(args.result))
         except ValueError as e:  # e.g. no labelled training drugs: nothing to classify
             print(f"TdP risk classification: not done ({e})")
     from .analysis import open_run
@@ -147,7 +190,10 @@ def _cmd_summary(args) -> int:
 
 def _cmd_report(args) -> int:
     from .analysis import report
+    from .calibrate.summary import is_calibration
 
+    if is_calibration(args.result):  # individual fits, residual diagnostics, forecasts and alerts
+        from .calibrate.report import report
     paths = report(args.result, args.output)
     if _is_screen(args.result):
         from .cipa import report_plots
@@ -212,7 +258,7 @@ def _cmd_bench(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     cmd = {"run": _cmd_run, "validate": _cmd_validate, "summary": _cmd_summary, "report": _cmd_report,
-           "audit": _cmd_audit, "bench": _cmd_bench, "submit": _cmd_submit, "status": _cmd_status}[args.cmd]
+           "audit": _cmd_audit, "bench": _cmd_bench, "submit": _cmd_submit, "status": _cmd_status, "calibrate": _cmd_calibrate}[args.cmd]
     try:
         return cmd(args)
     except TwinError as e:

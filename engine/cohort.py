@@ -593,6 +593,10 @@ def open_cohort(
     if positive is None:
         positive = _positive_from_model(loaded.job.model.name, typical)
     positive = set(positive)
+    if loaded.job.cohort.calibrated is not None:  # fitted twins of real patients (twin calibrate)
+        from .calibrate.cohort_source import CalibratedCohortSource
+
+        return CalibratedCohortSource(loaded, typical, positive)
     if loaded.job.cohort.csv is not None:
         return CsvCohortSource(loaded, typical, positive)
     return VirtualCohort(loaded, typical, positive)

@@ -259,6 +259,13 @@ class CsvCohort(Strict):
     parameters: dict[Name, CsvColumn] = Field(default_factory=dict)  # individual values
 
 
+class CalibratedCohort(Strict):
+    """The twins of a `twin calibrate` run as the cohort (engine.calibrate.cohort_source)."""
+
+    run: str  # run directory (or its RUN.h5) of a calibration
+    draws: Annotated[int, Field(ge=0, le=10_000)] = 0  # 0: MAP estimates; K: K posterior draws per twin
+
+
 class CohortSection(Strict):
     size: Annotated[int, Field(ge=1, le=2**40)] | None = None
     covariates: dict[Name, Distribution] = Field(default_factory=dict)
@@ -266,9 +273,16 @@ class CohortSection(Strict):
     variability: Variability | None = None
     covariate_effects: list[CovariateEffect] = Field(default_factory=list)
     csv: CsvCohort | None = None
+    calibrated: CalibratedCohort | None = None
 
     @model_validator(mode="after")
     def _source(self):
+        if self.calibrated is not None:
+            extra = [k for k in ("size", "csv", "correlation", "variability") if getattr(self, k) is not None]
+            extra += [k for k in ("covariates", "covariate_effects") if getattr(self, k)]
+            if extra:
+                raise ValueError(f"[cohort.calibrated] is the whole cohort: remove {extra}")
+            return self
         if self.csv is None and self.size is None:
             raise ValueError("give either 'size' (virtual cohort) or a [cohort.csv] table")
         if self.csv is not None and self.size is not None:

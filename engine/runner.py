@@ -113,7 +113,7 @@ def build_layout(loaded: LoadedJob, cohort: CohortSource) -> Layout:
     for p in model.parameters:
         v.append(VarSpec(f"cohort/{p.name}", ("patient",), "f8", {
             "units": p.unit, "kind": "parameter", "long_name": p.description}))
-    if job.cohort.csv is not None:
+    if job.cohort.csv is not None or job.cohort.calibrated is not None:
         v.append(VarSpec("cohort/pseudonym", ("patient",), "S64", {
             "long_name": "HMAC-SHA256 pseudonym of the source identifier"}))
     if ctl is not None:
