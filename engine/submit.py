@@ -136,8 +136,17 @@ class SbatchTemplate(string.Template):
 
 
 def template_dir() -> Path:
+    """$TWIN_SLURM_TEMPLATES, else the source checkout's slurm/, else the copy a wheel installs
+    under <prefix>/share/twin-engine/slurm."""
     env = os.environ.get("TWIN_SLURM_TEMPLATES")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "slurm"
+    if env:
+        return Path(env)
+    src = Path(__file__).resolve().parent.parent / "slurm"
+    if src.is_dir():
+        return src
+    import sysconfig
+
+    return Path(sysconfig.get_path("data")) / "share" / "twin-engine" / "slurm"
 
 
 def placeholders(text: str) -> set[str]:
