@@ -30,7 +30,6 @@ import numpy as np
 
 from kernels.compile import ode_kernel
 from kernels.ode.cellml import QNET_CURRENTS
-from kernels.ode.integrate_numpy import SolverOptions
 
 from .errors import JobError
 from .layout import Layout, VarSpec, status_attrs
@@ -243,12 +242,10 @@ def compute_chunk(plan, chunk_id: int, check=None) -> dict[str, np.ndarray]:  # 
     defaults = np.array([p.default for p in model.parameters])[:, None]
     Pc = np.where(st_cell == 0, Pc, defaults)
 
-    s = job.solver
-    atol = (np.array([s.atol.get(n, s.atol.get("default", 1e-10)) for n in model.state_names])
-            if isinstance(s.atol, dict) else s.atol)
-    opts = SolverOptions(method=s.method, rtol=s.rtol, atol=atol, max_steps=s.max_steps, dt=s.dt,
-                         first_step=s.first_step)
-    kernel = ode_kernel(model, plan.backend.name, s.precision)
+    from .runner import solver_options
+
+    opts = solver_options(job, model)
+    kernel = ode_kernel(model, plan.backend.name, job.solver.precision)
     pc = job.pacing
     proto = dict(cycle_length=pc.cycle_length, amplitude=pc.amplitude, duration=pc.duration)
 

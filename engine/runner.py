@@ -155,6 +155,15 @@ def make_plan(loaded: LoadedJob, local_rank: int = 0) -> Plan:
     return Plan(loaded, cohort, build_layout(loaded, cohort), backend, typical, assignment)
 
 
+def solver_options(job, model) -> SolverOptions:
+    """The job's [solver] as kernel options (per-state atol resolved in the model's state order)."""
+    s = job.solver
+    atol = (np.array([s.atol.get(n, s.atol.get("default", 1e-10)) for n in model.state_names])
+            if isinstance(s.atol, dict) else s.atol)
+    return SolverOptions(method=s.method, rtol=s.rtol, atol=atol, max_steps=s.max_steps, dt=s.dt,
+                         first_step=s.first_step)
+
+
 def compute_chunk(plan: Plan, chunk_id: int, check=None) -> dict[str, np.ndarray]:
     """All arrays of one chunk, keyed by layout path."""
     job, layout = plan.job, plan.layout
@@ -187,12 +196,8 @@ def compute_chunk(plan: Plan, chunk_id: int, check=None) -> dict[str, np.ndarray
     hook = EVENT_HOOKS.get(model.name)
     if hook is not None:  # events a model needs besides doses (circ_0d: one per heart beat)
         events = hook(model, P_run, events, float(layout.time[-1]))
-    s = job.solver
-    atol = (np.array([s.atol.get(n, s.atol.get("default", 1e-10)) for n in model.state_names])
-            if isinstance(s.atol, dict) else s.atol)
-    opts = SolverOptions(method=s.method, rtol=s.rtol, atol=atol, max_steps=s.max_steps, dt=s.dt,
-                         first_step=s.first_step)
-    kernel = ode_kernel(model, plan.backend.name, s.precision)
+    opts = solver_options(job, model)
+    kernel = ode_kernel(model, plan.backend.name, job.solver.precision)
     arrays: dict[str, np.ndarray] = {}
     ctl_cls = _controller_class(job)
     if ctl_cls is None:
