@@ -1,8 +1,8 @@
 """Benchmark cases: one `Case` per workload, grouped by family (the unit of throughput).
 
 Families and their units: patients (patients/s), cell-beats (cell-beats/s), node-updates
-(node-updates/s), ligands (ligands/s). Only the patient family is built so far; the others are
-declared as cases without a runner, so the report prints "n/a (not built yet)" rows for them
+(node-updates/s), ligands (ligands/s). The patient and cell-beat families are built; the others
+are declared as cases without a runner, so the report prints "n/a (not built yet)" rows for them
 instead of numbers. A new family plugs in by adding a `Case` with a `run(ctx)` that returns rows
 of the same schema (see `row()`): ours first, then each peer run in the same process.
 
@@ -25,6 +25,7 @@ from . import flops as fl
 
 ROOT = Path(__file__).resolve().parents[2]
 ENSEMBLE = ROOT / "benchmarks" / "ensemble.py"
+CARDIAC = ROOT / "benchmarks" / "cardiac_cells.py"
 
 FAMILIES = {"patients": "patients/s", "cell-beats": "cell-beats/s", "node-updates": "node-updates/s",
             "ligands": "ligands/s"}
@@ -68,6 +69,19 @@ def peer_version(mod: str) -> str | None:
 
 
 _ens = None
+_cardiac = None
+
+
+def cardiac():
+    """benchmarks/cardiac_cells.py as a module (model set-up, solver specs), or None outside a checkout."""
+    global _cardiac
+    if _cardiac is None and CARDIAC.is_file():
+        spec = importlib.util.spec_from_file_location("twin_benchmarks_cardiac", CARDIAC)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod
+        spec.loader.exec_module(mod)
+        _cardiac = mod
+    return _cardiac
 
 
 def ensemble():
@@ -193,13 +207,77 @@ def _ode_case(name: str, title: str, maker: str, size_key: str) -> Case:
     return c
 
 
+# ---------------------------------------------------------------- cell-beat family
+def _cell_case() -> Case:
+    c = Case("cell-beats", "cardiac_cell", "ORd-CiPA endo at 1 Hz from Myokit's steady state, Rodas4 rtol 3e-4 "
+             "(Myokit: CVODES rtol 1e-6 atol 1e-4)", peers=("myokit",))
+
+    def run(ctx: Ctx) -> list[dict]:
+        cb = cardiac()
+        if cb is None:
+            return [na_row(c, "twin", "n/a", f"{CARDIAC.relative_to(ROOT)} not in this installation")]
+        from engine.pacing import Protocol, prepace
+
+        sz = ctx.sizes["kernels"]["cells"]
+        beats, cells = sz["beats"], sz["cells"]
+        ci, _ = cb.load("ord_cipa_endo")
+        k = ode_kernel_for(ci.model, ctx.backend)
+        p = np.repeat(np.array([[q.default] for q in ci.model.parameters]), cells, axis=1)
+        y0 = np.repeat(cb.reference_state(ci, "ord_cipa_endo"), cells, axis=1)
+        opts = cb.solver("rodas4:3e-4")
+        prepace(k, p[:, :1], Protocol(2, cycle_length=1000.0), opts, y0=y0[:, :1])  # warm-up
+        w, cpu = time.perf_counter(), time.process_time()
+        pre = prepace(k, p, Protocol(beats, cycle_length=1000.0), opts, y0=y0, chunk=beats)
+        w, cpu = time.perf_counter() - w, time.process_time() - cpu
+        n = beats * cells
+        ok = bool((pre.status == 0).all())
+        thr = {"cpu": ctx.threads, "numpy": 1}.get(ctx.backend)
+        label = f"twin {ctx.backend} ({thr} thread{'s' if thr != 1 else ''})" if thr else f"twin {ctx.backend}"
+        rows = [row(c, label, n, w, cpu, ours=True, cpu_ms_per_cell_beat=1e3 * cpu / n, solver_ok=ok,
+                    note=f"{cells} cells x {beats} beats; state drift from Myokit's steady state over the run "
+                         f"{float(pre.rel_change[:, -1].max()):.1e} (relative, last beat)")]
+        if "myokit" not in ctx.peers:
+            rows.append(na_row(c, "Myokit CVODES", "skipped", "not asked for (--peers)"))
+            return rows
+        ver = peer_version("myokit")
+        if ver is None:
+            rows.append(na_row(c, "Myokit CVODES", "not installed"))
+            return rows
+        import myokit
+
+        f, key, val, _ = cb.MODELS["ord_cipa_endo"]
+        m, proto, _ = myokit.load(str(cb.DATA / f))
+        m.get(key).set_rhs(val)
+        sim = myokit.Simulation(m, proto)
+        sim.set_tolerance(1e-6, 1e-4)
+        ref = cb.json.loads((cb.DATA / "myokit_reference.json").read_text())["models"]["ord_cipa_endo"]
+        sim.set_state([ref["state_after_999_beats"][v.qname()] for v in m.states()])
+        mb = sz["myokit_beats"]
+        w, cpu = time.perf_counter(), time.process_time()
+        sim.pre(mb * 1000.0)
+        w, cpu = time.perf_counter() - w, time.process_time() - cpu
+        rows.append(row(c, f"Myokit CVODES {ver} (1 thread)", mb, w, cpu, cpu_ms_per_cell_beat=1e3 * cpu / mb,
+                        ours_speedup=(n / rows[0]["wall_s"]) / (mb / w),
+                        ours_speedup_per_cpu=(1e3 * cpu / mb) / (1e3 * rows[0]["cpu_s"] / n)))
+        return rows
+
+    c.run = run
+    return c
+
+
+def ode_kernel_for(model, backend: str):
+    from kernels.compile import ode_kernel
+
+    return ode_kernel(model, backend)
+
+
 def kernel_cases() -> list[Case]:
     return [
         _ode_case("lorenz", "Lorenz ensemble (rho spread), t∈[0,1], DOPRI5 rtol=atol=1e-8", "lorenz_case", "lorenz"),
         _ode_case("pk", "2-cmt oral PK, 14 doses q12h, 169 hourly samples, DOPRI5 rtol 1e-8", "pk_case", "pk"),
         _ode_case("uva", "UVA/Padova T1D 24 h, simglucose per-minute inputs, DOPRI5 rtol 1e-6", "uva_case", "uva"),
         # families not built yet: rows say so, no numbers
-        Case("cell-beats", "cardiac_cell", "cardiac cell action potentials (beats)", None, peers=("myokit",)),
+        _cell_case(),
         Case("node-updates", "network", "network / graph model node updates", None),
         Case("ligands", "docking", "ligand docking", None, peers=("vina",)),
     ]

@@ -62,7 +62,13 @@ def markdown(res: dict) -> str:
                        f"{_f(r.get('ours_speedup'), '{:,.1f}×')} | {_f(r.get('max_rel_diff'), '{:.1e}')} |")
         cases = {}
         for r in res["kernels"]:
-            if r.get("ours"):
+            if r.get("ours") and "cpu_ms_per_cell_beat" in r:
+                peer = next((q for q in res["kernels"] if q["case"] == r["case"] and not q.get("ours")
+                             and q.get("cpu_ms_per_cell_beat")), None)
+                cases[r["case"]] = (f"{r['case']}: {r['cpu_ms_per_cell_beat']:.2f} CPU-ms per cell-beat ({r.get('note', '')})"
+                                    + (f"; {peer['peer']}: {peer['cpu_ms_per_cell_beat']:.2f} CPU-ms per cell-beat, "
+                                       f"ours {peer['ours_speedup_per_cpu']:.1f}× per CPU-second" if peer else ""))
+            elif r.get("ours") and "counting" in r:
                 c = r["counting"]
                 cases[r["case"]] = (f"{r['case']}: {c['rhs_flops']} flops/RHS ({c['rhs_transcendental']} transcendental) × "
                                     f"{c['rhs_evals_per_patient']:,.0f} RHS/patient + {c['step_flops']} flops/step × "
