@@ -317,25 +317,24 @@ def run(loaded: LoadedJob, run_dir: Path, comm, quiet: bool = False) -> int:
             lock.release()
 
 
-def _run_chunks(plan, loaded, run_dir, comm, quiet, stop, attempt, done, prov) -> int:
+def process_chunks(lay: Layout, compute, run_dir: Path, comm, stop, attempt: int, done: dict, on_done=None):
+    """This rank's share of the chunk queue: compute each chunk, write it to the rank's shard and
+    journal. A failing rank aborts the communicator. Returns (every chunk's journal entry, the
+    resumed ones included, on rank 0 / None elsewhere; whether any rank was interrupted; patients
+    computed by all ranks in this attempt)."""
     rank, size = comm.rank, comm.size
-    lay = plan.layout
-    _setup_rank_log(run_dir, rank)
     todo = [c for c in range(lay.n_chunks()) if c not in done]
-    log.info("attempt %d: %d chunks, %d already done, %d to run on %d ranks", attempt, lay.n_chunks(), len(done), len(todo), size)
-
-    progress = _Progress(rank == 0 and not quiet, lay, len(done), size)
-    queue = ChunkQueue(comm, todo, on_done=progress.update if rank == 0 else None, should_stop=stop)
+    queue = ChunkQueue(comm, todo, on_done=on_done, should_stop=stop)
     writer = None
     entries: dict[int, dict] = {}
     interrupted = False
-    t0 = time.time()
+    n_new = 0
     try:
         for cid in queue:
             if interrupted:
                 continue
             try:
-                arrays = compute_chunk(plan, cid, check=stop.check)
+                arrays = compute(cid)
             except Interrupted:
                 log.warning("chunk %d dropped on termination signal", cid)
                 interrupted = True
@@ -345,6 +344,7 @@ def _run_chunks(plan, loaded, run_dir, comm, quiet, stop, attempt, done, prov) -
                 writer = store.ShardWriter(run_dir, attempt, rank, lay)
             entries[cid] = writer.write_chunk(cid, arrays)
             s, e = lay.chunk_bounds(cid)
+            n_new += e - s
             log.info("chunk %d done (%d patients, %d failed)", cid, e - s, entries[cid].get("n_failed", 0))
             queue.done(cid, e - s)
             if stop():
@@ -357,17 +357,33 @@ def _run_chunks(plan, loaded, run_dir, comm, quiet, stop, attempt, done, prov) -
         abort(comm, f"failed: {e!r} (see {run_dir}/logs/rank{rank:04d}.log)")
     finally:
         if writer is not None:
-            writer.close()
+            writer.close()  # commits the last group: entries get their sha256
     queue.close()
-    progress.close()
     interrupted = lor(comm, interrupted or stop())
-    gathered = comm.gather(entries, root=0) if size > 1 else [entries]
+    gathered = comm.gather((entries, n_new), root=0) if size > 1 else [(entries, n_new)]
+    if rank != 0:
+        return None, interrupted, n_new
+    all_entries = dict(done)
+    for g, _ in gathered:
+        for k, v in g.items():
+            all_entries.setdefault(k, v)
+    return all_entries, interrupted, sum(n for _, n in gathered)
+
+
+def _run_chunks(plan, loaded, run_dir, comm, quiet, stop, attempt, done, prov) -> int:
+    rank, size = comm.rank, comm.size
+    lay = plan.layout
+    _setup_rank_log(run_dir, rank)
+    todo = [c for c in range(lay.n_chunks()) if c not in done]
+    log.info("attempt %d: %d chunks, %d already done, %d to run on %d ranks", attempt, lay.n_chunks(), len(done), len(todo), size)
+
+    progress = _Progress(rank == 0 and not quiet, lay, len(done), size)
+    t0 = time.time()
+    all_entries, interrupted, _ = process_chunks(lay, lambda cid: compute_chunk(plan, cid, check=stop.check), run_dir,
+                                                 comm, stop, attempt, done, on_done=progress.update if rank == 0 else None)
+    progress.close()
     code = EXIT_INTERRUPTED if interrupted else EXIT_OK
     if rank == 0:
-        all_entries = dict(done)
-        for g in gathered:
-            for k, v in g.items():
-                all_entries.setdefault(k, v)
         elapsed = time.time() - t0
         n_new = progress.patients  # counted on rank 0 from every rank's finished chunks
         if interrupted or len(all_entries) < lay.n_chunks():

@@ -1,7 +1,7 @@
 """`twin calibrate JOB.toml`: calibrate every patient's twin, chunk by chunk over MPI ranks.
 
 Same machinery as `twin run` (engine.runner): patients are cut into chunks of `job.chunk_size`
-fixed by the job, chunks go to ranks through `engine.parallel.ChunkQueue`, each rank writes its
+fixed by the job, chunks go to ranks through `engine.runner.process_chunks` (the run's chunk queue), each rank writes its
 own HDF5 shard and journal (`engine.store`), a rerun resumes, rank 0 stitches RUN.h5 and appends
 to the audit chain (`engine.provenance`). A chunk's fit depends only on the chunk (its patients,
 the global observation time grid, the prior), and the optional population fit sums per-chunk
@@ -35,12 +35,12 @@ from kernels.ode.integrate_numpy import SolverOptions
 
 from .. import provenance, store
 from ..backend import resolve
-from ..errors import EXIT_INTERRUPTED, EXIT_OK, CohortError, Interrupted, StoreError, TwinError
+from ..errors import EXIT_INTERRUPTED, EXIT_OK, CohortError, StoreError, TwinError
 from ..layout import Layout, VarSpec
 from ..models import job_model
 from ..observations import Observations, import_observations
-from ..parallel import ChunkQueue, abort, lor
-from ..runner import StopFlag, _say, _setup_rank_log
+from ..parallel import abort
+from ..runner import StopFlag, _say, _setup_rank_log, process_chunks
 from .job import LoadedCalibration
 from .map_fit import FIT_NAMES, FIT_STATUS, FitProblem, map_fit
 from .population import population_fit_chunks
@@ -312,50 +312,15 @@ def _fit_chunks(plan: CalibrationPlan, run_dir, comm, quiet, stop, attempt, done
     todo = [c for c in range(lay.n_chunks()) if c not in done]
     log.info("calibration attempt %d: %d chunks, %d done, %d to fit on %d ranks", attempt, lay.n_chunks(), len(done),
              len(todo), size)
-    queue = ChunkQueue(comm, todo, should_stop=stop)
-    writer = None
-    entries: dict[int, dict] = {}
-    interrupted = False
-    n_new = 0
     t0 = time.time()
-    try:
-        for cid in queue:
-            if interrupted:
-                continue
-            try:
-                stop.check()
-                arrays = plan.compute_chunk(cid)
-            except Interrupted:
-                interrupted = True
-                queue.leave()
-                continue
-            if writer is None:
-                writer = store.ShardWriter(run_dir, attempt, rank, lay)
-            entries[cid] = writer.write_chunk(cid, arrays)
-            s, e = lay.chunk_bounds(cid)
-            n_new += e - s
-            queue.done(cid, e - s)
-            if stop():
-                interrupted = True
-                queue.leave()
-    except Exception as e:  # noqa: BLE001
-        import traceback
 
-        log.error("rank failed: %s", traceback.format_exc())
-        abort(comm, f"failed: {e!r} (see {run_dir}/logs/rank{rank:04d}.log)")
-    finally:
-        if writer is not None:
-            writer.close()
-    queue.close()
-    interrupted = lor(comm, interrupted or stop())
-    gathered = comm.gather((entries, n_new), root=0) if size > 1 else [(entries, n_new)]
+    def compute(cid):
+        stop.check()
+        return plan.compute_chunk(cid)
+
+    all_entries, interrupted, n_fit = process_chunks(lay, compute, run_dir, comm, stop, attempt, done)
     code = EXIT_INTERRUPTED if interrupted else EXIT_OK
     if rank == 0:
-        all_entries = dict(done)
-        for g, _ in gathered:
-            for k, v in g.items():
-                all_entries.setdefault(k, v)
-        n_fit = sum(n for _, n in gathered)
         elapsed = time.time() - t0
         if interrupted or len(all_entries) < lay.n_chunks():
             provenance.append_record(run_dir, {"event": "interrupted", "attempt": attempt,
