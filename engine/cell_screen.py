@@ -183,6 +183,10 @@ def build_layout(loaded, cohort) -> Layout:
     job = loaded.job
     model = job_model(loaded)
     scr = screen_of(loaded)
+    nc = len(scr.conditions)
+    if job.pacing.accept and job.job.chunk_size % nc:
+        raise JobError(f"{loaded.path}: key 'job.chunk_size' = {job.job.chunk_size}: with pacing.accept a chunk must hold "
+                       f"whole cells, i.e. a multiple of the {nc} conditions per cell")
     bad = sorted(set(job.pacing.accept) - set(_BEAT_KEYS))
     if bad:
         raise JobError(f"{loaded.path}: key 'pacing.accept': {bad} are not beat biomarkers; allowed: "

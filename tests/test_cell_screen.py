@@ -295,6 +295,13 @@ def test_acceptance_keeps_cells_inside_ranges(tmp_path):
     want = (apd >= lo) & (apd <= hi) & (vrest >= -100) & (vrest <= -50)
     assert want.sum() == 4
     np.testing.assert_array_equal(b["biomarkers/accepted"], want.astype(float))
+    (tmp_path / "d.toml").write_text(text.replace("chunk_size = 6", "chunk_size = 4").replace("size = 6", "size = 6\n"))
+    r = run_twin("run", tmp_path / "d.toml", "-o", tmp_path / "d", "-q")
+    assert r.returncode == 0, r.stderr  # one condition per cell: any chunk size holds whole cells
+    split = screen_job(chunk=5).replace("beats = 2\n", "beats = 2\naccept = { APD90 = [100.0, 500.0] }\n")
+    (tmp_path / "e.toml").write_text(split)  # 17 conditions per cell, chunks of 5: a cell's control elsewhere
+    r = run_twin("run", tmp_path / "e.toml", "-o", tmp_path / "e", "-q")
+    assert r.returncode == 2 and "multiple of the 17 conditions" in r.stderr, r.stderr
     (tmp_path / "c.toml").write_text(text.replace("Vrest = [", "Vresting = ["))
     r = run_twin("run", tmp_path / "c.toml", "-o", tmp_path / "c", "-q")
     assert r.returncode == 2 and "pacing.accept" in r.stderr and "Vresting" in r.stderr, r.stderr
