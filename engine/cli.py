@@ -59,6 +59,10 @@ def _parser() -> argparse.ArgumentParser:
     sb.add_argument("--template", help="a batch script template of your own (default: slurm/*.sbatch)")
     sb.add_argument("--dry-run", action="store_true", help="print the script; write and submit nothing")
 
+    from .docking.dock_cli import add_arguments as _dock_args
+
+    _dock_args(sub.add_parser("dock", help="dock one ligand into one receptor (AutoDock Vina scoring and options)"))
+
     st = sub.add_parser("status", help="progress of a run (or screen) from its journal, and its Slurm state")
     st.add_argument("run_dir")
     st.add_argument("--json", action="store_true", help="machine-readable")
@@ -170,6 +174,12 @@ def _cmd_status(args) -> int:
     return EXIT_OK
 
 
+def _cmd_dock(args) -> int:
+    from .docking.dock_cli import run
+
+    return run(args)
+
+
 def _cmd_bench(args) -> int:
     from .bench import run
 
@@ -179,7 +189,8 @@ def _cmd_bench(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     cmd = {"run": _cmd_run, "validate": _cmd_validate, "summary": _cmd_summary, "report": _cmd_report,
-           "audit": _cmd_audit, "bench": _cmd_bench, "submit": _cmd_submit, "status": _cmd_status}[args.cmd]
+           "audit": _cmd_audit, "bench": _cmd_bench, "submit": _cmd_submit, "status": _cmd_status,
+           "dock": _cmd_dock}[args.cmd]
     try:
         return cmd(args)
     except TwinError as e:
