@@ -29,10 +29,11 @@ def vina_out(lig: Ligand, poses: list, rmsds: list[tuple[float, float]]) -> str:
         s = p.score
         text.append(f"MODEL {i}")
         text.append(f"REMARK VINA RESULT: {s.total:10.3f} {lb:10.3f} {ub:10.3f}")
-        text.append(f"REMARK INTER + INTRA:    {s.inter + s.intra:11.3f}")
-        text.append(f"REMARK INTER:            {s.inter:11.3f}")
-        text.append(f"REMARK INTRA:            {s.intra:11.3f}")
-        text.append(f"REMARK UNBOUND:          {s.inter + s.intra - (s.total - s.torsional):11.3f}")
+        if np.isfinite(s.inter):  # exported screen poses keep only the affinity
+            text.append(f"REMARK INTER + INTRA:    {s.inter + s.intra:11.3f}")
+            text.append(f"REMARK INTER:            {s.inter:11.3f}")
+            text.append(f"REMARK INTRA:            {s.intra:11.3f}")
+            text.append(f"REMARK UNBOUND:          {s.inter + s.intra - (s.total - s.torsional):11.3f}")
         text += pose_pdbqt(lig, p.xyz)
         text.append("ENDMDL")
     return "\n".join(text) + "\n"
