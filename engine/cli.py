@@ -103,6 +103,16 @@ def _cmd_validate(args) -> int:
 
     loaded = load_job(args.job)
     j = loaded.job
+    if getattr(j, "docking", None) is not None:  # a docking screen
+        from .docking.screen import make_plan as dock_plan
+
+        plan = dock_plan(loaded)
+        d = j.docking
+        print(f"{args.job}: ok")
+        print(f"  job {j.job.name}: docking screen, {len(plan.library)} ligands x {len(d.targets)} targets "
+              f"({', '.join(t.name for t in d.targets)}) in chunks of {j.job.chunk_size}, exhaustiveness "
+              f"{d.exhaustiveness}, seed {j.job.seed}; sha256 {loaded.sha256[:16]}")
+        return EXIT_OK
     from .models import job_model
 
     model = job_model(loaded)

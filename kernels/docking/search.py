@@ -78,6 +78,35 @@ def compute_maps(rec: sf.ReceptorIndex, types, box: sf.Box, threads: int | None 
     return Maps(box, begin, end, npts, types, out)
 
 
+def compute_maps_cuda(rec: sf.ReceptorIndex, types, box: sf.Box) -> Maps:
+    """The same maps on the GPU (vina_maps.cu through CuPy): one thread per grid point."""
+    import cupy as cp
+
+    begin, end, npts = box.grid()
+    types = np.ascontiguousarray(sorted({int(t) for t in types}), dtype=np.int32)
+    lo = begin - sf.CUTOFF
+    nc = (np.ceil((end + sf.CUTOFF - lo) / sf.CUTOFF) + 1).astype(int)
+    cell3 = np.floor((rec.xyz - lo) / sf.CUTOFF).astype(int)
+    ok = np.all((cell3 >= 0) & (cell3 < nc), axis=1)
+    cell = (cell3[:, 0] * nc[1] + cell3[:, 1]) * nc[2] + cell3[:, 2]
+    idx = np.nonzero(ok)[0]
+    order = idx[np.argsort(cell[idx], kind="stable")].astype(np.int32)
+    start = np.zeros(int(np.prod(nc)) + 1, dtype=np.int32)
+    np.add.at(start, cell[idx] + 1, 1)
+    start = np.cumsum(start).astype(np.int32)
+    mod = cp.RawModule(code=SOURCE.with_name("vina_maps.cu").read_text(), options=("--std=c++14",))
+    fn = mod.get_function("vina_maps_cuda")
+    n = int(np.prod(npts))
+    out = cp.zeros((len(types), n), dtype=cp.float64)
+    inv = 1.0 / ((npts - 1) / (end - begin))  # as the C kernel computes its spacing
+    fn(((n + 127) // 128,), (128,), (np.int32(len(types)), cp.asarray(types), *map(np.int32, npts),
+                                     *map(np.float64, begin), *map(np.float64, inv), *map(np.float64, lo),
+                                     *map(np.int32, nc), cp.asarray(start), cp.asarray(order),
+                                     cp.asarray(rec.xyz.astype(np.float64)), cp.asarray(rec.xs.astype(np.int32)),
+                                     np.int32(N_XS), cp.asarray(sf.tables()[0]), np.int32(sf.N_TABLE), out))
+    return Maps(box, begin, end, npts, types, cp.asnumpy(out).reshape(len(types), *npts))
+
+
 class LigandModel:
     """The flattened torsion tree and intramolecular tables the C kernel works on."""
 
