@@ -176,8 +176,8 @@ def compute_chunk(plan: ScreenPlan, cid: int, check=None) -> dict[str, np.ndarra
     lay, d, seed = plan.layout, plan.job.docking, plan.job.job.seed
     lo, hi = lay.chunk_bounds(cid)
     m, T, M, A = hi - lo, len(d.targets), d.num_modes, d.max_atoms
-    out = {v.path: np.zeros(v.shape(m, 0) if False else tuple(m if x == "ligand" else lay.dims[x] for x in v.dims),
-                            dtype=v.dtype) for v in lay.vars}
+    out = {v.path: np.zeros(tuple(m if x == "ligand" else lay.dims[x] for x in v.dims), dtype=v.dtype)
+           for v in lay.vars}
     for key in ("score", "inter", "intra", "terms", "mode_score", "pose"):
         out[key][...] = np.nan
     for r, i in enumerate(range(lo, hi)):
@@ -345,7 +345,7 @@ def _run_chunks(plan, loaded, run_dir, comm, quiet, stop, attempt, done, prov, P
             attrs = {**prov, "kind": "docking", "job_toml": loaded.text, "job_sha256": loaded.sha256,
                      "job_name": plan.job.job.name, "backend": plan.backend.name, "device": plan.backend.device,
                      "ranks": size, "seed": plan.job.job.seed, "attempt": attempt, "end_time": provenance.utc_now(),
-                     "n_ligands": lay.n_rows if hasattr(lay, "n_rows") else lay.n_patients,
+                     "n_ligands": lay.n_patients,
                      "targets": [t.name for t in plan.job.docking.targets], "result_sha256": digest,
                      "audit_head": head, "scoring_function": "AutoDock Vina 1.2 (vina)",
                      "ligands_per_cpu_second": (n_new / sum(cpu)) if n_new and sum(cpu) > 0 else None}
