@@ -233,7 +233,9 @@ def manifest(plan: ScreenPlan) -> dict:
     for t in d.targets:
         h.update(plan.loaded.resolve(t.receptor).read_bytes())
     return {"format": "twin-dock/1", "job_name": plan.job.job.name, "job_sha256": plan.loaded.sha256,
-            "inputs_sha256": h.hexdigest(), "n_ligands": len(plan.library), "chunk_size": plan.layout.chunk_size,
+            "inputs_sha256": h.hexdigest(), "n_ligands": len(plan.library),
+            "n_patients": len(plan.library),  # rows, under the key `twin status` reads
+            "chunk_size": plan.layout.chunk_size,
             "vars": [[v.path, list(v.dims), v.dtype] for v in plan.layout.vars]}
 
 

@@ -24,6 +24,8 @@ AD_TYPES: dict[str, tuple[int, float, bool]] = {
     "Cl": (EL_Cl, 0.99, True), "Br": (EL_Br, 1.14, True),
     "Si": (EL_Si, 1.11, True), "At": (EL_At, 1.44, True),
 }
+# metals AutoDock has no type for: Vina reads them as generic metal donors (Met_D)
+AD_TYPES.update({m: (EL_Met, 1.75, True) for m in ("Cu", "Na", "K", "Hg", "Co", "U", "Cd", "Ni")})
 MAX_COVALENT_RADIUS = 1.74  # largest covalent radius in the AD table (Ca)
 BOND_ALLOWANCE = 1.1  # a bond: distance < 1.1 × (sum of covalent radii)
 
