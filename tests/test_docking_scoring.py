@@ -180,3 +180,15 @@ def test_local_optimisation_matches_vina_reference():
     s = sf.score_pose(R, x[0], lig.xs, lig.pairs, lig.num_tors, box)
     assert s.total == pytest.approx(-13.170, abs=0.02)  # BFGS path differs slightly: 0.02
     assert s.inter == pytest.approx(-18.559, abs=0.03)
+
+
+def test_explicit_atom_refinement_improves_the_explicit_score():
+    """Final poses are refined against explicit receptor atoms (Vina's non_cache), which must lower
+    the explicit-atom score below the crystal pose and below the grid-optimised pose (-13.170)."""
+    rec, lig, box, _ = load("1iep")
+    R = sf.ReceptorIndex(rec.xyz, rec.xs)
+    m = search.LigandModel(lig, search.compute_maps(R, lig.xs[lig.heavy], box))
+    _, _, x = search.refine(m, search.ReceptorCells(R, box), m.identity_conf())
+    s = sf.score_pose(R, x[0], lig.xs, lig.pairs, lig.num_tors, box)
+    assert s.total < -13.170 - 0.01
+    assert search.heavy_rmsd(x[0], lig.xyz, lig.heavy) < 0.5  # a local move, not a new pose

@@ -37,7 +37,9 @@ def _lib():
     lib.vina_local.argtypes = lig + [ctypes.c_int, _D, ctypes.c_double, ctypes.c_int, _D, _D]
     lib.vina_dock.argtypes = lig + [ctypes.c_int, ctypes.c_uint64, ctypes.c_int, ctypes.c_int, ctypes.c_double,
                                     ctypes.c_int, _D, _D, _D, _I, _L, ctypes.c_int]
-    for f in (lib.vina_maps, lib.vina_eval, lib.vina_local, lib.vina_dock):
+    lib.vina_refine.argtypes = lig + [ctypes.c_int, _D, _I, _I, ctypes.c_int, _D, _D, _D, _I, _I, _I, ctypes.c_int, _D,
+                                      ctypes.c_double, ctypes.c_int, _D, _D, ctypes.c_int]
+    for f in (lib.vina_maps, lib.vina_eval, lib.vina_local, lib.vina_dock, lib.vina_refine):
         f.restype = ctypes.c_int
     return lib
 
@@ -180,6 +182,43 @@ class LigandModel:
         return e, confs, x
 
 
+class ReceptorCells:
+    """Receptor heavy atoms near the box in 8 Å cells, for the explicit-atom refinement kernel."""
+
+    def __init__(self, rec: sf.ReceptorIndex, box: sf.Box):
+        begin, end, _ = box.grid()
+        lo = begin - sf.CUTOFF
+        nc = (np.ceil((end + sf.CUTOFF - lo) / sf.CUTOFF) + 1).astype(int)
+        c3 = np.floor((rec.xyz - lo) / sf.CUTOFF).astype(int)
+        ok = np.nonzero(np.all((c3 >= 0) & (c3 < nc), axis=1))[0]
+        cell = (c3[ok, 0] * nc[1] + c3[ok, 1]) * nc[2] + c3[ok, 2]
+        srt = np.argsort(cell, kind="stable")
+        self.xyz = np.ascontiguousarray(rec.xyz[ok[srt]], dtype=float)
+        self.xs = np.ascontiguousarray(rec.xs[ok[srt]], dtype=np.int32)
+        start = np.zeros(int(np.prod(nc)) + 1, dtype=np.int64)
+        np.add.at(start, cell + 1, 1)
+        self.start = np.ascontiguousarray(np.cumsum(start), dtype=np.int32)
+        self.order = np.arange(len(ok), dtype=np.int32)
+        self.lo = np.ascontiguousarray(lo, dtype=float)
+        self.nc = np.ascontiguousarray(nc, dtype=np.int32)
+
+
+def refine(model: "LigandModel", cells: ReceptorCells, confs: np.ndarray, threads: int | None = None):
+    """Vina's final local optimisation against explicit receptor atoms (v = 1000, slope 1e6)."""
+    confs = np.ascontiguousarray(np.atleast_2d(confs), dtype=float).copy()
+    n = len(confs)
+    e = np.zeros(n)
+    x = np.zeros((n, len(model.atom_map), 3))
+    _, smooth, dor = sf.tables()
+    xs = np.ascontiguousarray(model.lig.xs, dtype=np.int32)
+    steps = (25 + len(model.atom_map)) // 3
+    _lib().vina_refine(*model.args(), len(cells.xyz), _p(cells.xyz, _D), _p(cells.xs, _I), _p(xs, _I), N_XS,
+                       _p(np.ascontiguousarray(smooth), _D), _p(np.ascontiguousarray(dor), _D), _p(cells.lo, _D),
+                       _p(cells.nc, _I), _p(cells.start, _I), _p(cells.order, _I), n, _p(confs, _D), sf.CURL_V, steps,
+                       _p(e, _D), _p(x, _D), threads or default_threads())
+    return e, confs, x
+
+
 @dataclass
 class Pose:
     xyz: np.ndarray  # all ligand atoms (hydrogens included)
@@ -200,7 +239,7 @@ def vina_steps(lig: Ligand) -> tuple[int, int]:
 
 def dock(rec: sf.ReceptorIndex, lig: Ligand, box: sf.Box, exhaustiveness: int = 8, seed: int = 0, n_poses: int = 9,
          min_rmsd: float = 1.0, energy_range: float = 3.0, steps_scale: float = 1.0, maps: Maps | None = None,
-         threads: int | None = None) -> tuple[list[Pose], dict]:
+         threads: int | None = None, refine_explicit: bool = True) -> tuple[list[Pose], dict]:
     """Dock one ligand: `exhaustiveness` independent chains, poses clustered at `min_rmsd`,
     rescored with explicit receptor atoms. Returns (poses best first, statistics)."""
     maps = maps or compute_maps(rec, lig.xs[lig.xs != NO_XS], box, threads)
@@ -217,13 +256,18 @@ def dock(rec: sf.ReceptorIndex, lig: Ligand, box: sf.Box, exhaustiveness: int = 
     _lib().vina_dock(*model.args(), exhaustiveness, ctypes.c_uint64(seed % 2**64), global_steps, local_steps, min_rmsd,
                      keep, _p(E, _D), _p(C, _D), _p(X, _D), _p(kept, _I), evals.ctypes.data_as(_L),
                      threads or default_threads())
-    cand = [(E[k, i], X[k, i]) for k in range(exhaustiveness) for i in range(kept[k])]
+    cand = [(E[k, i], X[k, i], C[k, i]) for k in range(exhaustiveness) for i in range(kept[k])]
     cand.sort(key=lambda t: t[0])
     heavy = lig.heavy
     chosen: list[np.ndarray] = []
-    for _, x in cand:  # Vina remove_redundant: drop poses within min_rmsd of a better one
+    confs = []
+    for _, x, c in cand:  # Vina remove_redundant: drop poses within min_rmsd of a better one
         if all(heavy_rmsd(x, y, heavy) >= min_rmsd for y in chosen):
             chosen.append(x)
+            confs.append(c)
+    if refine_explicit and confs:  # as Vina: refine against explicit receptor atoms before scoring
+        _, _, xr = refine(model, ReceptorCells(rec, box), np.array(confs), threads)
+        chosen = list(xr)
     inter = [sf.inter_energy(rec, x, lig.xs, box) for x in chosen]
     intra = [sf.intra_energy(x, lig.xs, lig.pairs) for x in chosen]
     order = np.argsort(np.array(inter) + np.array(intra), kind="stable")

@@ -173,6 +173,11 @@ typedef struct {
     int n_atoms, n_bodies, n_pairs, ntab, n_heavy;
     const int *atom_map, *atom_body, *parent, *pairs, *pair_tab;
     const double *local, *origin_rel, *axis_ref, *smooth, *dor, *root_origin;
+    /* explicit receptor atoms (Vina's non_cache, used to refine final poses); NULL: use maps */
+    const double *rxyz, *rsmooth, *rdor;
+    const int *rxs, *atom_xs, *cell_start, *cell_order;
+    int n_rec, n_xs, nc[3];
+    double clo[3], bend[3];
 } problem;
 
 typedef struct {
@@ -237,6 +242,52 @@ static double grid_eval(const problem *P, int m, const double *loc, double v, do
     return f + penalty;
 }
 
+/* one ligand atom against the receptor atoms within 8 A (Vina non_cache::eval_deriv): the atom is
+ * moved onto the box if outside (penalty slope per A), pair energies and derivatives interpolated
+ * from the smooth table, the atom's sum curled */
+static double explicit_eval(const problem *P, int i, const double *x, double v, double *deriv) {
+    double a[3], pen = 0, pd[3] = {0, 0, 0};
+    for (int d = 0; d < 3; d++) {
+        a[d] = x[d];
+        if (x[d] < P->begin[d]) { a[d] = P->begin[d]; pen += P->begin[d] - x[d]; pd[d] = -P->slope; }
+        else if (x[d] > P->bend[d]) { a[d] = P->bend[d]; pen += x[d] - P->bend[d]; pd[d] = P->slope; }
+    }
+    int t1 = P->atom_xs[i], c0[3];
+    for (int d = 0; d < 3; d++) c0[d] = (int)floor((a[d] - P->clo[d]) / 8.0);
+    double e = 0, g[3] = {0, 0, 0};
+    for (int cx = c0[0] - 1; cx <= c0[0] + 1; cx++) {
+        if (cx < 0 || cx >= P->nc[0]) continue;
+        for (int cy = c0[1] - 1; cy <= c0[1] + 1; cy++) {
+            if (cy < 0 || cy >= P->nc[1]) continue;
+            for (int cz = c0[2] - 1; cz <= c0[2] + 1; cz++) {
+                if (cz < 0 || cz >= P->nc[2]) continue;
+                long cell = ((long)cx * P->nc[1] + cy) * P->nc[2] + cz;
+                for (int q = P->cell_start[cell]; q < P->cell_start[cell + 1]; q++) {
+                    int j = P->cell_order[q];
+                    double r[3] = {a[0] - P->rxyz[3 * j], a[1] - P->rxyz[3 * j + 1], a[2] - P->rxyz[3 * j + 2]};
+                    double r2 = r[0] * r[0] + r[1] * r[1] + r[2] * r[2];
+                    if (r2 >= CUTOFF_SQR) continue;
+                    long off = ((long)t1 * P->n_xs + P->rxs[j]) * P->ntab;
+                    double rf = NTAB_FACTOR * r2;
+                    int i1 = (int)rf;
+                    double rem = rf - i1;
+                    const double *sm = P->rsmooth + off, *dr = P->rdor + off;
+                    e += sm[i1] + rem * (sm[i1 + 1] - sm[i1]);
+                    double dor = dr[i1] + rem * (dr[i1 + 1] - dr[i1]);
+                    for (int d = 0; d < 3; d++) g[d] += dor * r[d];
+                }
+            }
+        }
+    }
+    if (e > 0) {
+        double t = v / (v + e);
+        e *= t;
+        for (int d = 0; d < 3; d++) g[d] *= t * t;
+    }
+    for (int d = 0; d < 3; d++) deriv[d] = g[d] + pd[d];
+    return e + P->slope * pen;
+}
+
 /* energy (inter from maps + intra) and gradient in change space */
 static double eval_deriv(const problem *P, const double *c, double v, work *w, double *grad) {
     set_conf(P, c, w);
@@ -245,7 +296,8 @@ static double eval_deriv(const problem *P, const double *c, double v, work *w, d
     memset(w->g, 0, sizeof(double) * 3 * n);
     for (int i = 0; i < n; i++) {
         if (P->atom_map[i] < 0) continue;
-        e += grid_eval(P, P->atom_map[i], w->x + 3 * i, v, w->g + 3 * i);
+        if (P->rxyz) e += explicit_eval(P, i, w->x + 3 * i, v, w->g + 3 * i);
+        else e += grid_eval(P, P->atom_map[i], w->x + 3 * i, v, w->g + 3 * i);
     }
     for (int k = 0; k < P->n_pairs; k++) {
         int a = P->pairs[2 * k], b = P->pairs[2 * k + 1];
@@ -435,6 +487,8 @@ static void fill_problem(problem *P, const int *npts, const double *begin, const
     P->dor = dor; P->ntab = ntab;
     P->n_heavy = 0;
     for (int i = 0; i < n_atoms; i++) P->n_heavy += atom_map[i] >= 0;
+    P->rxyz = NULL;
+    for (int d = 0; d < 3; d++) P->bend[d] = end[d];
 }
 
 /* energy + gradient of given confs (for tests: finite differences, parity with NumPy) */
@@ -567,6 +621,38 @@ int vina_dock(const int *npts, const double *begin, const double *end, double sl
         n_kept[k] = count;
         n_evals[k] = evals;
         free(buf); free(cur); free(cand); free(xb);
+        free_work(&w);
+    }
+    return 0;
+}
+
+/* BFGS of given confs against explicit receptor atoms (Vina refines its final poses this way) */
+int vina_refine(const int *npts, const double *begin, const double *end, double slope, const double *maps,
+                int n_atoms, const int *atom_map, const int *atom_body, const double *local, int n_bodies,
+                const int *parent, const double *origin_rel, const double *axis_ref, const double *root_origin,
+                int n_pairs, const int *pairs, const int *pair_tab, const double *smooth, const double *dor, int ntab,
+                int n_rec, const double *rxyz, const int *rxs, const int *atom_xs, int n_xs, const double *rsmooth,
+                const double *rdor, const double *clo, const int *nc, const int *cell_start, const int *cell_order,
+                int n_conf, double *confs, double v, int max_steps, double *e_out, double *x_out, int threads) {
+    problem P;
+    fill_problem(&P, npts, begin, end, slope, maps, n_atoms, atom_map, atom_body, local, n_bodies, parent, origin_rel,
+                 axis_ref, root_origin, n_pairs, pairs, pair_tab, smooth, dor, ntab);
+    P.rxyz = rxyz; P.rxs = rxs; P.atom_xs = atom_xs; P.n_xs = n_xs; P.rsmooth = rsmooth; P.rdor = rdor;
+    P.n_rec = n_rec; P.cell_start = cell_start; P.cell_order = cell_order;
+    for (int d = 0; d < 3; d++) { P.clo[d] = clo[d]; P.nc[d] = nc[d]; }
+    int nc_ = 6 + n_bodies, n = 5 + n_bodies;
+#ifdef _OPENMP
+    if (threads > 0) omp_set_num_threads(threads);
+#pragma omp parallel for schedule(dynamic, 1)
+#endif
+    for (int k = 0; k < n_conf; k++) {
+        work w;
+        alloc_work(&P, &w);
+        double *buf = malloc(sizeof(double) * (n * n + 6 * n + 3 * nc_ + 8));
+        e_out[k] = bfgs(&P, confs + (long)k * nc_, v, max_steps, &w, buf);
+        set_conf(&P, confs + (long)k * nc_, &w);
+        memcpy(x_out + (long)k * 3 * n_atoms, w.x, sizeof(double) * 3 * n_atoms);
+        free(buf);
         free_work(&w);
     }
     return 0;
