@@ -64,6 +64,15 @@ def _parser() -> argparse.ArgumentParser:
     sb.add_argument("--template", help="a batch script template of your own (default: slurm/*.sbatch)")
     sb.add_argument("--dry-run", action="store_true", help="print the script; write and submit nothing")
 
+    from .docking.dock_cli import add_arguments as _dock_args
+
+    _dock_args(sub.add_parser("dock", help="dock one ligand into one receptor (AutoDock Vina scoring and options)"))
+    po = sub.add_parser("poses", help="export the top hits' poses of a docking screen (PDBQT or SDF)")
+    po.add_argument("result", help="RUN.h5 or run directory")
+    po.add_argument("-o", "--output", required=True, help="directory for the pose files")
+    po.add_argument("--top", type=int, default=10, help="hits per target (default 10)")
+    po.add_argument("--format", default="pdbqt", choices=["pdbqt", "sdf"])
+
     st = sub.add_parser("status", help="progress of a run (or screen) from its journal, and its Slurm state")
     st.add_argument("run_dir")
     st.add_argument("--json", action="store_true", help="machine-readable")
@@ -85,6 +94,10 @@ def _cmd_run(args) -> int:
     loaded = load_job(args.job)
     out = Path(args.output) if args.output else Path("runs") / loaded.job.job.name
     comm = world()
+    if getattr(loaded.job, "docking", None) is not None:  # a docking screen (engine.docking.screen)
+        from .docking.screen import run as run_screen
+
+        return run_screen(loaded, out, comm, quiet=args.quiet)
     return run(loaded, out, comm, quiet=args.quiet)
 
 
@@ -119,6 +132,16 @@ def _cmd_validate(args) -> int:
 
     loaded = load_job(args.job)
     j = loaded.job
+    if getattr(j, "docking", None) is not None:  # a docking screen
+        from .docking.screen import make_plan as dock_plan
+
+        plan = dock_plan(loaded)
+        d = j.docking
+        print(f"{args.job}: ok")
+        print(f"  job {j.job.name}: docking screen, {len(plan.library)} ligands x {len(d.targets)} targets "
+              f"({', '.join(t.name for t in d.targets)}) in chunks of {j.job.chunk_size}, exhaustiveness "
+              f"{d.exhaustiveness}, seed {j.job.seed}; sha256 {loaded.sha256[:16]}")
+        return EXIT_OK
     from .models import job_model
 
     model = job_model(loaded)
@@ -162,6 +185,13 @@ def _is_calibration_job(path) -> bool:
 
 
 def _cmd_summary(args) -> int:
+    from .docking.analysis import is_docking_result
+
+    if is_docking_result(args.result):  # a docking screen: hits ranked per target
+        from .docking.analysis import summary as dock_summary
+
+        print(dock_summary(args.result))
+        return EXIT_OK
     from .analysis import summary
     from .calibrate.summary import is_calibration, summary_text
 
@@ -189,6 +219,14 @@ def _cmd_summary(args) -> int:
 
 
 def _cmd_report(args) -> int:
+    from .docking.analysis import is_docking_result
+
+    if is_docking_result(args.result):
+        from .docking.analysis import report as dock_report
+
+        for p in dock_report(args.result, args.output):
+            print(p)
+        return EXIT_OK
     from .analysis import report
     from .calibrate.summary import is_calibration
 
@@ -249,6 +287,20 @@ def _cmd_status(args) -> int:
     return EXIT_OK
 
 
+def _cmd_poses(args) -> int:
+    from .docking.analysis import export_poses
+
+    for p in export_poses(args.result, args.output, args.top, args.format):
+        print(p)
+    return EXIT_OK
+
+
+def _cmd_dock(args) -> int:
+    from .docking.dock_cli import run
+
+    return run(args)
+
+
 def _cmd_bench(args) -> int:
     from .bench import run
 
@@ -258,7 +310,8 @@ def _cmd_bench(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     cmd = {"run": _cmd_run, "validate": _cmd_validate, "summary": _cmd_summary, "report": _cmd_report,
-           "audit": _cmd_audit, "bench": _cmd_bench, "submit": _cmd_submit, "status": _cmd_status, "calibrate": _cmd_calibrate}[args.cmd]
+           "audit": _cmd_audit, "bench": _cmd_bench, "submit": _cmd_submit, "status": _cmd_status,
+           "calibrate": _cmd_calibrate, "dock": _cmd_dock, "poses": _cmd_poses}[args.cmd]
     try:
         return cmd(args)
     except TwinError as e:

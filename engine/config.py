@@ -633,6 +633,10 @@ def parse_job(text: str, source: str = "<job>", path: Path | None = None) -> Loa
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise JobError(f"{source}: malformed TOML: {e}") from None
+    from .docking.config import is_docking, parse_docking_job
+
+    if is_docking(data):  # a docking screen (engine.docking): library × targets, no cohort
+        return parse_docking_job(data, text, source, path or Path(source))
     try:
         job = Job.model_validate(data)
     except ValidationError as e:

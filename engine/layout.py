@@ -62,6 +62,11 @@ class Layout:
     time_units: str
     vars: list[VarSpec]
     chunk_size: int
+    # extra fixed-size dimensions (e.g. docking: target, mode, atom) and their coordinate values;
+    # the row dimension is "patient" for cohorts, "ligand" for docking screens
+    dims: dict[str, int] = field(default_factory=dict)
+    coords: dict[str, np.ndarray] = field(default_factory=dict)
+    row_dim: str = "patient"
 
     def var(self, path: str) -> VarSpec:
         for v in self.vars:

@@ -153,7 +153,9 @@ def result_digest(entries: dict[int, dict]) -> str:
 
 
 def _expected_shape(layout: Layout, v: VarSpec, n_rows: int) -> tuple[int, ...]:
-    return tuple(n_rows if d == "patient" else len(layout.time) for d in v.dims)
+    row = getattr(layout, "row_dim", "patient")
+    extra = getattr(layout, "dims", {})
+    return tuple(n_rows if d == row else extra[d] if d in extra else len(layout.time) for d in v.dims)
 
 
 def _check_chunk_id(layout: Layout, chunk_id: int) -> tuple[int, int]:
@@ -646,14 +648,22 @@ def build_master(run_dir: str | Path, layout: Layout, entries: dict[int, dict], 
     tmp.unlink(missing_ok=True)
     # v110+: virtual datasets need it, and it allows attributes > 64 KiB (long job texts)
     with h5py.File(tmp, "w", libver=("v110", "latest"), locking=False) as f:
-        p = f.create_dataset("patient", data=np.arange(N, dtype=np.int64))
-        p.attrs["long_name"] = "global patient index"
-        p.make_scale("patient")
-        t = f.create_dataset("time", data=np.asarray(layout.time, dtype=np.float64))
-        t.attrs["units"] = layout.time_units
-        t.attrs["long_name"] = "sample time"
-        t.make_scale("time")
-        scales = {"patient": p, "time": t}
+        row = getattr(layout, "row_dim", "patient")
+        p = f.create_dataset(row, data=np.arange(N, dtype=np.int64))
+        p.attrs["long_name"] = f"global {row} index"
+        p.make_scale(row)
+        scales = {row: p}
+        if row == "patient" or any("time" in v.dims for v in layout.vars):
+            t = f.create_dataset("time", data=np.asarray(layout.time, dtype=np.float64))
+            t.attrs["units"] = layout.time_units
+            t.attrs["long_name"] = "sample time"
+            t.make_scale("time")
+            scales["time"] = t
+        for d, size in getattr(layout, "dims", {}).items():  # extra fixed dimensions
+            vals = layout.coords.get(d, np.arange(size, dtype=np.int64))
+            s = f.create_dataset(d, data=vals)
+            s.make_scale(d)
+            scales[d] = s
         for v in layout.vars:
             dt = np.dtype(v.dtype)
             parent_path, _, name = v.path.rpartition("/")
@@ -662,13 +672,14 @@ def build_master(run_dir: str | Path, layout: Layout, entries: dict[int, dict], 
             for c in range(n_chunks):
                 lo, hi = layout.chunk_bounds(c)
                 mappings.append((lo, hi, entries[c]["shard"], f"/{chunk_group(c)}/{v.path}"))
-            ds = _create_vds(parent, name, v.shape(N, T), dt, _fill_array(v), mappings)
+            ds = _create_vds(parent, name, _expected_shape(layout, v, N), dt, _fill_array(v), mappings)
             _set_attrs(ds, v.attrs)
             for i, d in enumerate(v.dims):
                 ds.dims[i].attach_scale(scales[d])
         _set_attrs(f, root_attrs)
         f.attrs[LAYOUT_ATTR] = json.dumps(
             {
+                **({"row_dim": row, "dims": dict(layout.dims)} if row != "patient" else {}),
                 "n_patients": N,
                 "chunk_size": layout.chunk_size,
                 "n_times": T,
