@@ -44,11 +44,12 @@ SIZES = {
                     "lorenz": {"ours": 10_000, "numpy": 500, "scipy": 20, "diffrax": 1000},
                     "pk": {"ours": 10_000, "numpy": 200, "scipy": 10, "diffrax": 1000},
                     "uva": {"ours": 1000, "numpy": 30, "scipy": 2, "diffrax": 100},
-                    "cells": {"beats": 40, "cells": 8, "myokit_beats": 40}},
+                    "cells": {"beats": 40, "cells": 8, "myokit_beats": 40},
+                    "ligands": {"exhaustiveness": 4}},
         "e2e": {"n": 20_000, "chunk": 1000, "count": 100},
         "scaling": {"ranks": [1, 2, 4], "strong_n": 32_000, "weak_per_rank": 16_000, "chunk": 1000, "reps": 1},
         "io": {"chunk_rows": [1000, 4000], "total_mb": 256, "reps": 3},
-        "peers": ["scipy", "diffrax", "torchdiffeq", "myokit"],
+        "peers": ["scipy", "diffrax", "torchdiffeq", "myokit", "vina"],
     },
     "full": {
         "floor": {"seconds": 0.5, "mem_mib": 1024, "blas_n": 4096},
@@ -56,11 +57,12 @@ SIZES = {
                     "lorenz": {"ours": 100_000, "numpy": 2000, "scipy": 200, "diffrax": 10_000},
                     "pk": {"ours": 100_000, "numpy": 1000, "scipy": 100, "diffrax": 10_000},
                     "uva": {"ours": 10_000, "numpy": 30, "scipy": 3, "diffrax": 1000},
-                    "cells": {"beats": 200, "cells": 64, "myokit_beats": 200}},
+                    "cells": {"beats": 200, "cells": 64, "myokit_beats": 200},
+                    "ligands": {"exhaustiveness": 8}},
         "e2e": {"n": 100_000, "chunk": 1000, "count": 500},
         "scaling": {"ranks": [1, 2, 4], "strong_n": 200_000, "weak_per_rank": 100_000, "chunk": 1000, "reps": 2},
         "io": {"chunk_rows": [1000, 10_000], "total_mb": 1024, "reps": 3},
-        "peers": ["scipy", "diffrax", "torchdiffeq", "myokit"],
+        "peers": ["scipy", "diffrax", "torchdiffeq", "myokit", "vina"],
     },
 }
 
@@ -76,7 +78,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ranks", help="MPI rank counts for scaling, e.g. 1,2,4 (default per mode)")
     p.add_argument("--launcher", help="MPI launcher, e.g. 'srun -n {n}' on a cluster (default: mpiexec -n K)")
     p.add_argument("--threads-per-rank", type=int, default=1, help="OMP_NUM_THREADS of each rank in scaling (default 1)")
-    p.add_argument("--peers", help="peers to run where installed (scipy,diffrax,torchdiffeq); 'none' for none")
+    p.add_argument("--peers", help="peers to run where installed (scipy,diffrax,torchdiffeq,myokit,vina); 'none' for none")
 
 
 def run(args: argparse.Namespace) -> int:

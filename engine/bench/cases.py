@@ -1,8 +1,8 @@
 """Benchmark cases: one `Case` per workload, grouped by family (the unit of throughput).
 
 Families and their units: patients (patients/s), cell-beats (cell-beats/s), node-updates
-(node-updates/s), ligands (ligands/s). The patient and cell-beat families are built; the others
-are declared as cases without a runner, so the report prints "n/a (not built yet)" rows for them
+(node-updates/s), ligands (ligands/s). The patient, cell-beat and ligand families are built; the
+others are declared as cases without a runner, so the report prints "n/a (not built yet)" rows for them
 instead of numbers. A new family plugs in by adding a `Case` with a `run(ctx)` that returns rows
 of the same schema (see `row()`): ours first, then each peer run in the same process.
 
@@ -26,6 +26,8 @@ from . import flops as fl
 ROOT = Path(__file__).resolve().parents[2]
 ENSEMBLE = ROOT / "benchmarks" / "ensemble.py"
 CARDIAC = ROOT / "benchmarks" / "cardiac_cells.py"
+REDOCK = ROOT / "benchmarks" / "docking_redock.py"
+DOCK_DATA = ROOT / "tests" / "data" / "docking"
 
 FAMILIES = {"patients": "patients/s", "cell-beats": "cell-beats/s", "node-updates": "node-updates/s",
             "ligands": "ligands/s"}
@@ -69,19 +71,26 @@ def peer_version(mod: str) -> str | None:
 
 
 _ens = None
-_cardiac = None
+
+
+def _script(path: Path, name: str):
+    """A benchmark script of the source tree as a module (imported once), or None outside a checkout."""
+    if name not in sys.modules and path.is_file():
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules.get(name)
 
 
 def cardiac():
-    """benchmarks/cardiac_cells.py as a module (model set-up, solver specs), or None outside a checkout."""
-    global _cardiac
-    if _cardiac is None and CARDIAC.is_file():
-        spec = importlib.util.spec_from_file_location("twin_benchmarks_cardiac", CARDIAC)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = mod
-        spec.loader.exec_module(mod)
-        _cardiac = mod
-    return _cardiac
+    """benchmarks/cardiac_cells.py (model set-up, solver specs)."""
+    return _script(CARDIAC, "twin_benchmarks_cardiac")
+
+
+def redock():
+    """benchmarks/docking_redock.py (our docking and AutoDock Vina, one complex at a time)."""
+    return _script(REDOCK, "twin_benchmarks_redock")
 
 
 def ensemble():
@@ -265,6 +274,42 @@ def _cell_case() -> Case:
     return c
 
 
+# ---------------------------------------------------------------- ligand family
+def _ligand_case() -> Case:
+    c = Case("ligands", "docking", "redock biotin into streptavidin (1stp) from random starts, one CPU thread each",
+             peers=("vina",))
+
+    def run(ctx: Ctx) -> list[dict]:
+        rd = redock()
+        if rd is None or not (DOCK_DATA / "1stp_protein.pdbqt").is_file():
+            return [na_row(c, "twin", "n/a", "benchmarks/docking_redock.py or tests/data/docking not in this installation")]
+        exh = ctx.sizes["kernels"]["ligands"]["exhaustiveness"]
+        lig = (DOCK_DATA / "1stp_ligand.pdbqt").read_text()
+        centre, size = rd._extent_box(lig)
+        cx = dict(name="1stp", rec=DOCK_DATA / "1stp_protein.pdbqt", lig=lig, center=tuple(centre), size=tuple(size))
+        ours = rd.run_twin(cx, exh, 1)
+        rows = [row(c, "twin cpu (1 thread)", 1, ours["wall_s"], ours["cpu_s"], ours=True,
+                    note=f"exhaustiveness {exh}: score {ours['score']:.3f} kcal/mol, RMSD {ours['rmsd']:.2f} Å")]
+        if "vina" not in ctx.peers:
+            rows.append(na_row(c, "AutoDock Vina", "skipped", "not asked for (--peers)"))
+            return rows
+        ver = peer_version("vina")
+        if ver is None:
+            rows.append(na_row(c, "AutoDock Vina", "not installed"))
+            return rows
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as work:
+            v = rd.run_vina(cx, exh, 1, Path(work))
+        rows.append(row(c, f"AutoDock Vina {ver} (1 thread)", 1, v["wall_s"], v["cpu_s"],
+                        ours_speedup=v["cpu_s"] / ours["cpu_s"],
+                        note=f"score {v['score']:.3f} kcal/mol, RMSD {v['rmsd']:.2f} Å"))
+        return rows
+
+    c.run = run
+    return c
+
+
 def ode_kernel_for(model, backend: str):
     from kernels.compile import ode_kernel
 
@@ -279,7 +324,7 @@ def kernel_cases() -> list[Case]:
         # families not built yet: rows say so, no numbers
         _cell_case(),
         Case("node-updates", "network", "network / graph model node updates", None),
-        Case("ligands", "docking", "ligand docking", None, peers=("vina",)),
+        _ligand_case(),
     ]
 
 

@@ -53,7 +53,8 @@ def markdown(res: dict) -> str:
                 note = f" ({r['note']})" if r.get("note") else ""
                 out.append(f"| {r['family']} | {r['case']} | {r['peer']} | | | {r['status']}{note} | | | | |")
                 continue
-            thr = f"{r['throughput']:,.0f} {r['unit']}"
+            t = r["throughput"]
+            thr = f"{t:,.0f} {r['unit']}" if t >= 100 else f"{t:.3g} {r['unit']}"
             frac = _pct(r.get("fraction_of_floor"))
             if r.get("fraction_of_scalar_floor") is not None:
                 frac += f" ({_pct(r['fraction_of_scalar_floor'])} scalar)"
@@ -68,6 +69,12 @@ def markdown(res: dict) -> str:
                 cases[r["case"]] = (f"{r['case']}: {r['cpu_ms_per_cell_beat']:.2f} CPU-ms per cell-beat ({r.get('note', '')})"
                                     + (f"; {peer['peer']}: {peer['cpu_ms_per_cell_beat']:.2f} CPU-ms per cell-beat, "
                                        f"ours {peer['ours_speedup_per_cpu']:.1f}× per CPU-second" if peer else ""))
+            elif r.get("ours") and r["family"] == "ligands":
+                peer = next((q for q in res["kernels"] if q["case"] == r["case"] and not q.get("ours")
+                             and q["status"] == "ok"), None)
+                cases[r["case"]] = (f"{r['case']}: {1 / r['cpu_s']:.4f} ligands per CPU-second ({r.get('note', '')})"
+                                    + (f"; {peer['peer']}: {1 / peer['cpu_s']:.4f} ligands per CPU-second "
+                                       f"({peer.get('note', '')})" if peer else ""))
             elif r.get("ours") and "counting" in r:
                 c = r["counting"]
                 cases[r["case"]] = (f"{r['case']}: {c['rhs_flops']} flops/RHS ({c['rhs_transcendental']} transcendental) × "
