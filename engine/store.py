@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import h5py
-from h5py import h5d, h5p, h5s, h5t
+from h5py import h5d, h5g, h5p, h5s, h5t
 import numpy as np
 
 from .errors import StoreError
@@ -373,6 +373,7 @@ class ShardWriter:
         self._h5: h5py.File | None = None
         self._jfd: int | None = None
         self._journaled: set[int] = set()
+        self._started: set[int] = set()  # chunks whose data this writer began to write
         self._pending: list[tuple[dict, Future]] = []
         self._pending_bytes = 0
         for sub in (SHARD_DIR, JOURNAL_DIR):
@@ -397,17 +398,29 @@ class ShardWriter:
     # the three steps of a chunk's write, separate so tests can stop a process between them
     def _write_data(self, chunk_id: int, arrays: dict[str, np.ndarray]) -> None:
         gname = chunk_group(chunk_id)
-        if gname in self._h5:  # an earlier write of this chunk failed before its journal line
+        if chunk_id in self._started and gname in self._h5:  # an earlier write of this chunk failed
             del self._h5[gname]
-        g = self._h5.create_group(gname)
+        self._started.add(chunk_id)
+        # h5py's low-level API throughout: its high-level group lookups and creation cost ~2 ms
+        # per 19-dataset chunk, as much as writing the chunk's 2.8 MB
+        groups = {"": h5g.create(self._h5.id, gname.encode("utf-8"))}
         for v in self.layout.vars:
             a = np.ascontiguousarray(arrays[v.path], dtype=np.dtype(v.dtype))
             parent, _, name = v.path.rpartition("/")
-            where = g.require_group(parent) if parent else g
-            ds = h5d.create(where.id, name.encode("utf-8"), h5t.py_create(a.dtype, logical=1),
-                            h5s.create_simple(a.shape), dcpl=self._dcpl)
+            ds = h5d.create(self._group(groups, parent),
+                            name.encode("utf-8"), h5t.py_create(a.dtype, logical=1), h5s.create_simple(a.shape),
+                            dcpl=self._dcpl)
             if a.size:
                 ds.write(h5s.ALL, h5s.ALL, a)
+
+    @staticmethod
+    def _group(groups: dict, path: str):
+        """The chunk's subgroup `path` (e.g. "cohort"), created on first use."""
+        g = groups.get(path)
+        if g is None:
+            parent, _, name = path.rpartition("/")
+            g = groups[path] = h5g.create(ShardWriter._group(groups, parent), name.encode("utf-8"))
+        return g
 
     def _sync(self) -> None:
         self._h5.flush()
