@@ -80,6 +80,10 @@ def _cmd_run(args) -> int:
     loaded = load_job(args.job)
     out = Path(args.output) if args.output else Path("runs") / loaded.job.job.name
     comm = world()
+    if hasattr(loaded.job, "tissue"):
+        from .tissue.runner import run_tissue
+
+        return run_tissue(loaded, out, comm, quiet=args.quiet)
     return run(loaded, out, comm, quiet=args.quiet)
 
 
@@ -90,6 +94,15 @@ def _cmd_validate(args) -> int:
 
     loaded = load_job(args.job)
     j = loaded.job
+    if hasattr(j, "tissue"):
+        from .tissue.setup import make_plan as tissue_plan
+
+        tp = tissue_plan(loaded)
+        print(f"{args.job}: ok")
+        print(f"  tissue job {j.job.name}: cell model {tp.model.name}, grid {tp.geom.shape} "
+              f"({int(tp.geom.mask.sum())} tissue voxels) at dx {j.tissue.dx} mm, dt {j.tissue.dt} ms "
+              f"(stability limit {tp.dt_limit:.4g} ms), end {j.tissue.end_time} ms; sha256 {loaded.sha256[:16]}")
+        return EXIT_OK
     from .models import job_model
 
     model = job_model(loaded)
@@ -120,6 +133,14 @@ def _cmd_summary(args) -> int:
 
 
 def _cmd_report(args) -> int:
+    from .tissue.analysis import is_tissue_run
+
+    if is_tissue_run(args.result):
+        from .tissue.analysis import report as tissue_report
+
+        for p in tissue_report(args.result, args.output):
+            print(p)
+        return EXIT_OK
     from .analysis import report
 
     paths = report(args.result, args.output)

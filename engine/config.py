@@ -545,6 +545,13 @@ def parse_job(text: str, source: str = "<job>", path: Path | None = None) -> Loa
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise JobError(f"{source}: malformed TOML: {e}") from None
+    if "tissue" in data:  # a monodomain tissue job (engine/tissue): its own schema, no cohort
+        from .tissue.config import TissueJob
+
+        try:
+            return LoadedJob(TissueJob.model_validate(data), text, path or Path(source))
+        except ValidationError as e:
+            raise JobError(format_validation_error(e, source)) from None
     try:
         job = Job.model_validate(data)
     except ValidationError as e:
