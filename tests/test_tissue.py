@@ -270,3 +270,68 @@ def test_niederer_benchmark_job_at_dx_05_matches_the_published_codes(tmp_path):
     rep = run_twin("report", tmp_path / "run", "-o", tmp_path / "plots", check=True)
     made = sorted(Path(p).name for p in rep.stdout.split())
     assert made == ["V_traces.png", "activation_time_map.png", "ecg_traces.png"], made
+
+
+# ------------------------------------------------------------------------------- CUDA (compile only here)
+def test_tissue_cuda_source_compiles(tp06, tmp_path):
+    """The tissue kernels' CUDA translation unit (TP06 + tissue.c) compiles with NVRTC, the
+    compiler CuPy's RawModule uses, and with nvcc to PTX for sm_90; all three entry points exist.
+    Executing it needs a GPU: test_tissue_cuda_matches_cpu below skips without one."""
+    import shutil
+    import subprocess
+
+    from kernels.tissue.build import tissue_source
+
+    src = tissue_source(tp06[0])
+    compiled = False
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        (tmp_path / "t.cu").write_text(src)
+        r = subprocess.run([nvcc, "-ptx", "-arch=sm_90", "--std=c++14", "-o", str(tmp_path / "t.ptx"),
+                            str(tmp_path / "t.cu")], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-3000:]
+        ptx = (tmp_path / "t.ptx").read_text()
+        for k in ("tissue_cell", "tissue_diffuse", "tissue_track"):
+            assert f".entry {k}" in ptx
+        compiled = True
+    from tests.test_kernel_parity import NVRTC
+
+    if NVRTC is not None:
+        import ctypes
+
+        prog = ctypes.c_void_p()
+        assert NVRTC.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), b"tissue.cu", 0, None, None) == 0
+        opts = (ctypes.c_char_p * 2)(b"--std=c++14", b"-arch=compute_90")
+        rc = NVRTC.nvrtcCompileProgram(prog, 2, opts)
+        n = ctypes.c_size_t()
+        NVRTC.nvrtcGetProgramLogSize(prog, ctypes.byref(n))
+        log = ctypes.create_string_buffer(n.value)
+        NVRTC.nvrtcGetProgramLog(prog, log)
+        NVRTC.nvrtcDestroyProgram(ctypes.byref(prog))
+        assert rc == 0, log.value.decode()[-3000:]
+        compiled = True
+    if not compiled:
+        pytest.skip("neither nvcc nor NVRTC available")
+
+
+def _gpu() -> bool:
+    try:
+        import cupy as cp
+
+        return cp.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # noqa: BLE001 - no CuPy / driver: no GPU
+        return False
+
+
+@pytest.mark.skipif(not _gpu(), reason="no CUDA device")
+def test_tissue_cuda_matches_cpu(tp06):  # pragma: no cover - needs a GPU
+    """Same slab as test_cpu_and_numpy_tissue_steps_agree on the GPU: traces within 1e-8 mV."""
+    import cupy as cp
+
+    m, p = tp06
+    shape = (9, 4, 3)
+    g = _geom(shape, 0.25, 0.0953, 0.0126, (1.0, 0.3, 0.1))
+    st = [Stimulus(box_region(shape, 0.25, [0, 0, 0], [0.5, 0.5, 0.5]), 0.0, 2.0, -35.714)]
+    r = [simulate(g, m, p, tissue_kernels(m, b), st, 0.02, 6.0, points={"end": (8, 3, 2)}, trace_every=0.02,
+                  xp=xp) for b, xp in (("cpu", np), ("cuda", cp))]
+    assert np.max(np.abs(r[0].traces - r[1].traces)) < 1e-8
