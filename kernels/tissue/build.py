@@ -26,9 +26,35 @@ from kernels.ode.model import Model
 TEMPLATE = Path(__file__).with_name("tissue.c")
 
 
+def fused_step_source(model: Model) -> str:
+    """`model_rl_step`: one Rush-Larsen / forward-Euler step of one cell, intermediates computed
+    once (model_rhs and model_rl_b would each recompute them: the cell step is compute-bound)."""
+    from kernels.ode.codegen_c import c_expr
+    from kernels.ode.symbolic import gating
+
+    st, pa, inp = model.state_names, model.parameter_names, model.input_names
+    gates = gating(model)
+    lines = ["DEVICE void model_rl_step(real t, const real* y, const real* p, const real* u, real h, real* yn) {"]
+    lines += [f"    const real {n} = y[{i}];" for i, n in enumerate(st)]
+    lines += [f"    const real {n} = p[{i}];" for i, n in enumerate(pa)]
+    lines += [f"    const real {n} = u[{i}];" for i, n in enumerate(inp)]
+    lines += [f"    const real {n} = {c_expr(e)};" for n, e in model.expressions]
+    lines += ["    (void)t;"] + [f"    (void){n};" for n in st + pa + inp] + [f"    (void){n};" for n, _ in model.expressions]
+    for i, n in enumerate(st):
+        f = c_expr(model.derivatives[n])
+        if n in gates:
+            lines.append(f"    yn[{i}] = tissue_rl_update({n}, {f}, {c_expr(gates[n][1])}, h);")
+        else:
+            lines.append(f"    yn[{i}] = {n} + h * ({f});")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
 def tissue_source(model: Model) -> str:
     """One translation unit: real type, header macros, the cell model, the tissue kernels."""
-    return "#define TWIN_FLOAT32 0\n" + HEADER + model_source(model) + TEMPLATE.read_text()
+    tpl = TEMPLATE.read_text()
+    head, tail = tpl.split("/* @@FUSED_STEP@@ */")
+    return "#define TWIN_FLOAT32 0\n" + HEADER + model_source(model) + head + fused_step_source(model) + tail
 
 
 @dataclass

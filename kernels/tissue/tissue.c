@@ -23,20 +23,20 @@ DEVICE real tissue_rl_update(real y, real f, real b, real dt) {
     return y + dt * (f * phi);
 }
 
+/* @@FUSED_STEP@@ */
+
 DEVICE void tissue_cell_one(twin_idx c, twin_idx n, const unsigned char* mask, real* Y, real* Vs,
                             const real* p, const signed char* stim_id, const real* stim_amp, real t, real dt,
                             int vidx) {
     if (!mask[c]) { Vs[c] = Y[(twin_idx)vidx * n + c]; return; }
-    real y[NS], dy[NS], bb[NS], u[NIN];
+    real y[NS], yn[NS], u[NIN];
     int i;
     for (i = 0; i < NS; ++i) y[i] = Y[(twin_idx)i * n + c];
     for (i = 0; i < NIN; ++i) u[i] = 0;
     if (stim_id[c] >= 0) u[0] = stim_amp[stim_id[c]];
-    model_rhs(t, y, p, u, dy);
-    model_rl_b(t, y, p, u, bb);
+    model_rl_step(t, y, p, u, dt, yn); /* Rush-Larsen for gating states (b != 0), forward Euler else */
     for (i = 0; i < NS; ++i) {
-        real yn = tissue_rl_update(y[i], dy[i], bb[i], dt);
-        if (i == vidx) Vs[c] = yn; else Y[(twin_idx)i * n + c] = yn;
+        if (i == vidx) Vs[c] = yn[i]; else Y[(twin_idx)i * n + c] = yn[i];
     }
 }
 
