@@ -98,6 +98,29 @@ DEVICE real tissue_lap_one(int i, int j, int k, int ny, int nz, const unsigned c
     return lap;
 }
 
+/* The same operator without cross terms (fibres along a grid axis, or isotropic): the 7-point
+ * stencil written out with strides; the same fluxes as tissue_lap_one up to rounding (the
+ * constant factors 0.5/h^2 are applied once, not per face: ~3x faster). */
+DEVICE real tissue_lap7_one(twin_idx c, twin_idx sx, twin_idx sy, const unsigned char* mask, const real* V,
+                            const real* Dxx, const real* Dyy, const real* Dzz, real hx, real hy, real hz) {
+    const real vc = V[c];
+    real lap = 0;
+#define TWIN_AXIS(S, D, H)                                                                       \
+    {                                                                                            \
+        const int ip = mask[c + (S)] != 0, im = mask[c - (S)] != 0;                              \
+        real Fp = ip ? (D[c] + D[c + (S)]) * (V[c + (S)] - vc) : 0;                              \
+        real Fm = im ? (D[c] + D[c - (S)]) * (vc - V[c - (S)]) : 0;                              \
+        if (ip && !im) Fm = -Fp;                                                                 \
+        if (im && !ip) Fp = -Fm;                                                                 \
+        lap += (Fp - Fm) * (0.5 / ((H) * (H)));                                                  \
+    }
+    TWIN_AXIS(sx, Dxx, hx)
+    TWIN_AXIS(sy, Dyy, hy)
+    TWIN_AXIS(1, Dzz, hz)
+#undef TWIN_AXIS
+    return lap;
+}
+
 /* ---------------------------------------------------------------- threshold tracking */
 DEVICE void tissue_track_one(twin_idx c, const unsigned char* mask, const real* V, real* Vprev, real* act_first,
                              real* act_last, real* repol, real* apd, int* n_act, real t0, real dt, real thr_act,
@@ -132,7 +155,8 @@ extern "C" __global__ void tissue_diffuse(int nx, int ny, int nz, const unsigned
     if (c >= (twin_idx)nx * ny * nz) return;
     int k = (int)(c % nz), j = (int)((c / nz) % ny), i = (int)(c / ((twin_idx)ny * nz));
     if (i < 1 || i > nx - 2 || j < 1 || j > ny - 2 || k < 1 || k > nz - 2 || !mask[c]) { Vout[c] = V[c]; return; }
-    Vout[c] = V[c] + dt * tissue_lap_one(i, j, k, ny, nz, mask, V, Dxx, Dyy, Dzz, Dxy, Dxz, Dyz, hx, hy, hz, cross);
+    Vout[c] = V[c] + dt * (cross ? tissue_lap_one(i, j, k, ny, nz, mask, V, Dxx, Dyy, Dzz, Dxy, Dxz, Dyz, hx, hy, hz, 1)
+                                 : tissue_lap7_one(c, (twin_idx)ny * nz, nz, mask, V, Dxx, Dyy, Dzz, hx, hy, hz));
 }
 
 extern "C" __global__ void tissue_track(twin_idx n, const unsigned char* mask, const real* V, real* Vprev,
@@ -166,8 +190,10 @@ void tissue_diffuse(int nx, int ny, int nz, const unsigned char* mask, const rea
                     Vout[c] = V[c];
                     continue;
                 }
-                Vout[c] = V[c] + dt * tissue_lap_one(i, j, k, ny, nz, mask, V, Dxx, Dyy, Dzz, Dxy, Dxz, Dyz, hx, hy,
-                                                     hz, cross);
+                Vout[c] = V[c] + dt * (cross ? tissue_lap_one(i, j, k, ny, nz, mask, V, Dxx, Dyy, Dzz, Dxy, Dxz, Dyz,
+                                                              hx, hy, hz, 1)
+                                             : tissue_lap7_one(c, (twin_idx)ny * nz, nz, mask, V, Dxx, Dyy, Dzz, hx,
+                                                               hy, hz));
             }
     }
 }
