@@ -84,19 +84,25 @@ def main() -> None:
     rows = {}
     for name, f in kern.items():
         f()
-        ts = []
+        ts, cs = [], []
         for _ in range(3):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(a.steps):
                 f()
             ts.append((time.perf_counter() - t0) / a.steps)
+            cs.append((time.process_time() - c0) / a.steps)
         t = min(ts)
-        rows[name] = {**c[name], "s_per_step": t, "ns_per_node": 1e9 * t / n_tissue,
+        # CPU seconds of this process: on a shared machine wall time also counts other jobs' time
+        # slices; with one thread, CPU time is the kernel's own cost
+        rows[name] = {**c[name], "s_per_step": t, "cpu_s_per_step": min(cs), "ns_per_node": 1e9 * t / n_tissue,
+                      "cpu_ns_per_node": 1e9 * min(cs) / n_tissue,
                       "bandwidth_floor_s": c[name]["bytes"] * s.n / bw,
                       "compute_floor_s": c[name]["flops"] * n_tissue / scalar}
-    tot = {k_: sum(r[k_] for r in rows.values()) for k_ in ("s_per_step", "bandwidth_floor_s", "compute_floor_s",
-                                                            "bytes", "flops")}
+    tot = {k_: sum(r[k_] for r in rows.values()) for k_ in ("s_per_step", "cpu_s_per_step", "bandwidth_floor_s",
+                                                            "compute_floor_s", "bytes", "flops")}
     tot["node_updates_per_s"] = n_tissue / tot["s_per_step"]
+    tot["node_updates_per_cpu_s"] = n_tissue / tot["cpu_s_per_step"]
+    tot["load_average_1min"] = os.getloadavg()[0]
     tot["x_bandwidth_floor"] = tot["s_per_step"] / tot["bandwidth_floor_s"]
     tot["x_compute_floor"] = tot["s_per_step"] / tot["compute_floor_s"]
     out = {"dx_mm": a.dx, "grid": list(plan.geom.shape), "tissue_voxels": n_tissue, "padded_nodes": s.n,
