@@ -117,6 +117,13 @@ def _cmd_validate(args) -> int:
 
 
 def _cmd_summary(args) -> int:
+    from .tissue.analysis import is_tissue_run
+
+    if is_tissue_run(args.result):
+        from .tissue.analysis import summary_text
+
+        print(summary_text(args.result))
+        return EXIT_OK
     from .analysis import summary
 
     print(summary(args.result))

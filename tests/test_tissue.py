@@ -267,6 +267,8 @@ def test_niederer_benchmark_job_at_dx_05_matches_the_published_codes(tmp_path):
     stats = json.loads(ds.attrs["stats"])
     assert stats["median_cv_mm_per_ms"] > 0 and stats["steps"] < 4000  # stopped 1 ms after the last activation
     ds.close()
+    summ = run_twin("summary", tmp_path / "run", check=True).stdout
+    assert "P8: activation" in summ and "node-updates/s" in summ
     rep = run_twin("report", tmp_path / "run", "-o", tmp_path / "plots", check=True)
     made = sorted(Path(p).name for p in rep.stdout.split())
     assert made == ["V_traces.png", "activation_time_map.png", "ecg_traces.png"], made

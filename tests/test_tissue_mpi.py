@@ -114,6 +114,9 @@ def test_planning_job_ranks_candidates_the_same_on_one_and_two_ranks(tmp_path):
     b = xr.open_dataset(tmp_path / "p2" / "RUN.h5", engine="h5netcdf").load()
     for v in ("rank", "total_activation_time", "activated_fraction", "reentry", "max_activations"):
         assert np.array_equal(a[v].values, b[v].values, equal_nan=True), v
+    assert "#1 centre: pacing" in run_twin("summary", tmp_path / "p2", check=True).stdout
+    assert run_twin("report", tmp_path / "p2", "-o", tmp_path / "plots", check=True).stdout.strip().endswith(
+        "candidates.png")
     order = list(a["candidate"].values)
     assert order[0] == "centre" and order[-1] == "ablation_block", order
     tat = dict(zip(order, a["total_activation_time"].values))

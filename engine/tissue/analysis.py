@@ -49,6 +49,31 @@ def is_tissue_run(path) -> bool:
     return k in ("tissue", "tissue_planning")
 
 
+def summary_text(path) -> str:
+    """Run statistics and the activation time at each output point (or the planning table)."""
+    import xarray as xr
+
+    p = Path(path)
+    p = p / "RUN.h5" if p.is_dir() else p
+    with xr.open_dataset(p, engine="h5netcdf") as ds:
+        lines = [f"{ds.attrs.get('job_name', p.parent.name)} ({ds.attrs.get('kind')}, backend {ds.attrs.get('backend')}, "
+                 f"{ds.attrs.get('ranks')} ranks)"]
+        if ds.attrs.get("kind") == "tissue_planning":
+            for c in ds["candidate"].values:
+                r = ds.sel(candidate=c)
+                lines.append(f"  #{int(r['rank'])} {c}: {r['kind'].item()}, total activation time "
+                             f"{float(r['total_activation_time']):.2f} ms, activated "
+                             f"{100 * float(r['activated_fraction']):.1f} %, re-entry {bool(r['reentry'])}")
+            return "\n".join(lines)
+        st = json.loads(ds.attrs.get("stats", "{}"))
+        lines.append(f"  {st.get('tissue_voxels')} voxels, {st.get('steps')} steps to t = {st.get('t_end')} ms, "
+                     f"{st.get('node_updates_per_s', float('nan')) / 1e6:.2f} M node-updates/s; total activation "
+                     f"time {st.get('total_activation_time', float('nan')):.2f} ms")
+        for k, v in zip(ds["point"].values, ds["point_activation_time"].values):
+            lines.append(f"  {k}: activation {v:.3f} ms")
+    return "\n".join(lines)
+
+
 def report(path, out_dir) -> list[Path]:
     """PNGs: activation map (three mid-slices), APD map, V traces at the points, pseudo-ECG leads;
     for planning runs, the candidates' total activation times."""
