@@ -53,14 +53,34 @@ def case(dx: float, dt: float, backend: str) -> dict:
                                                            "tissue_voxels")}}
 
 
+def table(rec: dict) -> str:
+    """Markdown: activation times per case, and the 11-code mean +- SD of the paper at dt 0.01 ms."""
+    ref = json.loads((ROOT / "tests" / "data" / "tissue" / "niederer_reference.json").read_text())
+    pts = [f"P{i}" for i in range(1, 10)]
+    out = ["| dx mm | dt ms | " + " | ".join(pts) + " | steps | wall s | M node-updates/s |",
+           "|---:|---:|" + "---:|" * (len(pts) + 3)]
+    for c in sorted(rec["cases"], key=lambda c: (-c["dx_mm"], -c["dt_ms"])):
+        sub = f" ({c['diffusion_substeps']} diffusion sub-steps)" if c["diffusion_substeps"] > 1 else ""
+        out.append(f"| {c['dx_mm']} | {c['dt_ms']}{sub} | " + " | ".join(f"{c['activation_ms'][p]:.2f}" for p in pts)
+                   + f" | {c['steps']} | {c['wall_s']:.0f} | {c['node_updates_per_s'] / 1e6:.2f} |")
+    for dx, row in sorted(ref["by_dx"].items(), key=lambda kv: -float(kv[0])):
+        out.append(f"| {dx} | paper, 11 codes, 0.01 | " + " | ".join(f"{row[p][0]:.1f} ± {row[p][1]:.1f}" for p in pts)
+                   + " | | | |")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--table", action="store_true", help="print the Markdown table of --out and exit")
     ap.add_argument("--dx", type=float, nargs="+", default=[0.5, 0.2, 0.1])
     ap.add_argument("--dt", type=float, nargs="+", default=[0.05, 0.01, 0.005])
     ap.add_argument("--backend", default="cpu")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "niederer.json"))
     a = ap.parse_args()
     out = Path(a.out)
+    if a.table:
+        print(table(json.loads(out.read_text())))
+        return
     rec = json.loads(out.read_text()) if out.exists() else {"cases": []}
     rec["machine"] = {"cpu": platform.processor() or platform.machine(), "omp_threads": os.environ.get("OMP_NUM_THREADS"),
                       "backend": a.backend}
