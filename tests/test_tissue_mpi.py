@@ -68,10 +68,12 @@ def _read(p: Path) -> dict:
         return {k: f[k][()] for k in f if isinstance(f[k], h5py.Dataset) and k not in ("point", "electrode", "axis")}
 
 
-def test_two_and_four_ranks_equal_one_rank(tmp_path):
+@pytest.mark.parametrize("fibres", ["[1.0, 0.5, 0.2]", "[1.0, 0.0, 0.0]"], ids=["19-point", "7-point"])
+def test_two_and_four_ranks_equal_one_rank(tmp_path, fibres):
+    """Both stencil paths: oblique fibres (cross terms) and fibres along x (7-point fast path)."""
     shutil.copy(TP06, tmp_path / TP06.name)
     job = tmp_path / "job.toml"
-    job.write_text(JOB)
+    job.write_text(JOB.replace("direction = [1.0, 0.5, 0.2]", f"direction = {fibres}"))
     env = {"OMP_NUM_THREADS": "1"}
     run_twin("run", job, "-o", tmp_path / "r1", "-q", env=env, check=True)
     ref = _read(tmp_path / "r1" / "RUN.h5")
