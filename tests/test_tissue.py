@@ -424,3 +424,14 @@ def test_pseudo_ecg_matches_the_lead_field_integral_of_the_analytic_source():
         ref = const * np.sum(src / rr) * h**3
         assert abs(ecg[e] - ref) < 5e-3 * abs(ref), (el.name, ecg[e], ref)
     assert ecg[0] > 0 > ecg[1]
+
+
+def test_solver_stops_with_a_clear_error_when_the_potential_blows_up(tp06):
+    """Bypassing the job's stability check (dt 5x the diffusion limit) the potential diverges; the
+    run stops at the next sample with Diverged (a one-line user error), not a file full of NaN."""
+    m, p = tp06
+    shape = (12, 4, 3)
+    g = _geom(shape, 0.1, 0.0953, 0.0126)
+    st = [Stimulus(box_region(shape, 0.1, [0, 0, 0], [0.3, 0.3, 0.3]), 0.0, 2.0, -35.714)]
+    with pytest.raises(Diverged, match=r"non-finite by t = .* ms \(dx = 0.1 mm, dt = 0.2 ms\): lower dt"):
+        simulate(g, m, p, tissue_kernels(m, "cpu"), st, 0.2, 50.0, trace_every=1.0)
