@@ -98,6 +98,10 @@ def _cmd_run(args) -> int:
         from .docking.screen import run as run_screen
 
         return run_screen(loaded, out, comm, quiet=args.quiet)
+    if hasattr(loaded.job, "tissue"):  # one organ on a voxel grid (engine.tissue)
+        from .tissue.runner import run_tissue
+
+        return run_tissue(loaded, out, comm, quiet=args.quiet)
     return run(loaded, out, comm, quiet=args.quiet)
 
 
@@ -141,6 +145,15 @@ def _cmd_validate(args) -> int:
         print(f"  job {j.job.name}: docking screen, {len(plan.library)} ligands x {len(d.targets)} targets "
               f"({', '.join(t.name for t in d.targets)}) in chunks of {j.job.chunk_size}, exhaustiveness "
               f"{d.exhaustiveness}, seed {j.job.seed}; sha256 {loaded.sha256[:16]}")
+        return EXIT_OK
+    if hasattr(j, "tissue"):
+        from .tissue.setup import make_plan as tissue_plan
+
+        tp = tissue_plan(loaded)
+        print(f"{args.job}: ok")
+        print(f"  tissue job {j.job.name}: cell model {tp.model.name}, grid {tp.geom.shape} "
+              f"({int(tp.geom.mask.sum())} tissue voxels) at dx {j.tissue.dx} mm, dt {j.tissue.dt} ms "
+              f"(stability limit {tp.dt_limit:.4g} ms), end {j.tissue.end_time} ms; sha256 {loaded.sha256[:16]}")
         return EXIT_OK
     from .models import job_model
 
@@ -186,6 +199,13 @@ def _is_calibration_job(path) -> bool:
 
 def _cmd_summary(args) -> int:
     from .docking.analysis import is_docking_result
+    from .tissue.analysis import is_tissue_run
+
+    if is_tissue_run(args.result):  # activation/APD maps, conduction, ECG
+        from .tissue.analysis import summary_text as tissue_text
+
+        print(tissue_text(args.result))
+        return EXIT_OK
 
     if is_docking_result(args.result):  # a docking screen: hits ranked per target
         from .docking.analysis import summary as dock_summary
@@ -220,6 +240,14 @@ def _cmd_summary(args) -> int:
 
 def _cmd_report(args) -> int:
     from .docking.analysis import is_docking_result
+    from .tissue.analysis import is_tissue_run
+
+    if is_tissue_run(args.result):
+        from .tissue.analysis import report as tissue_report
+
+        for p in tissue_report(args.result, args.output):
+            print(p)
+        return EXIT_OK
 
     if is_docking_result(args.result):
         from .docking.analysis import report as dock_report

@@ -637,6 +637,13 @@ def parse_job(text: str, source: str = "<job>", path: Path | None = None) -> Loa
 
     if is_docking(data):  # a docking screen (engine.docking): library × targets, no cohort
         return parse_docking_job(data, text, source, path or Path(source))
+    if "tissue" in data:  # a monodomain tissue job (engine/tissue): its own schema, no cohort
+        from .tissue.config import TissueJob
+
+        try:
+            return LoadedJob(TissueJob.model_validate(data), text, path or Path(source))
+        except ValidationError as e:
+            raise JobError(format_validation_error(e, source)) from None
     try:
         job = Job.model_validate(data)
     except ValidationError as e:
