@@ -359,6 +359,7 @@ class ShardWriter:
     chunk's arrays until its commit. ``commit_bytes=0`` commits every chunk."""
 
     _hasher = ThreadPoolExecutor(1, thread_name_prefix="twin-sha256")
+    _committer = ThreadPoolExecutor(1, thread_name_prefix="twin-commit")
 
     def __init__(self, run_dir: str | Path, attempt: int, rank: int, layout: Layout,
                  commit_bytes: int = 64_000_000, commit_seconds: float = 1.0):
@@ -374,6 +375,8 @@ class ShardWriter:
         self._jfd: int | None = None
         self._journaled: set[int] = set()
         self._started: set[int] = set()  # chunks whose data this writer began to write
+        self._written: set[int] = set()  # ... and finished writing
+        self._committing: Future | None = None  # the group whose fsync + journal lines are in flight
         self._pending: list[tuple[dict, Future]] = []
         self._pending_bytes = 0
         for sub in (SHARD_DIR, JOURNAL_DIR):
@@ -442,12 +445,13 @@ class ShardWriter:
             raise ValueError("ShardWriter is closed")
         lo, hi = validate_chunk(self.layout, chunk_id, arrays)
         chunk_id = int(chunk_id)
-        if chunk_id in self._journaled or any(e["chunk"] == chunk_id for e, _ in self._pending):
+        if chunk_id in self._written:
             raise ValueError(f"chunk {chunk_id} was already written by this writer")
         # hashed in the worker while HDF5 writes and the caller computes the next chunk; the
         # caller must not modify `arrays` afterwards (the runner never does: each chunk is new)
         hashing = self._hasher.submit(chunk_sha256, self.layout, arrays)
         self._write_data(chunk_id, arrays)
+        self._written.add(chunk_id)
         n_failed = int(np.count_nonzero(arrays["status"])) if "status" in arrays else 0
         entry = {
             "chunk": chunk_id,
@@ -461,25 +465,44 @@ class ShardWriter:
         self._pending_bytes += sum(np.asarray(a).nbytes for a in arrays.values())
         if (self._pending_bytes >= self.commit_bytes
                 or time.monotonic() - self._last_commit >= self.commit_seconds):
-            self.commit()
+            self._commit(wait=False)
         return entry
 
     def commit(self) -> None:
-        """Make every chunk written so far durable and journal it."""
+        """Make every chunk written so far durable and journal it (returns when it is)."""
+        self._commit(wait=True)
+
+    def _commit(self, wait: bool) -> None:
+        # HDF5 flushes its metadata here (HDF5 is not thread-safe); the fsync of the shard, the
+        # journal lines and the journal fsync run in a worker while the next chunks are written,
+        # as a raw writer's disk flush overlaps its writes. One group in flight at a time, so
+        # journal lines keep their order and each follows its own data's fsync.
+        self._await_commit()
         if self._pending:
-            self._sync()
-            entries = [e for e, _ in self._pending]
-            for e, hashing in self._pending:
-                e["sha256"] = hashing.result()
-            self._append_lines(entries)
-            self._journaled.update(e["chunk"] for e in entries)
-            self._pending, self._pending_bytes = [], 0
+            self._h5.flush()
+            group, self._pending, self._pending_bytes = self._pending, [], 0
+            self._committing = self._committer.submit(self._finish_commit, group)
+            if wait:
+                self._await_commit()
         self._last_commit = time.monotonic()
+
+    def _finish_commit(self, group: list) -> None:
+        os.fsync(self._fd)
+        entries = [e for e, _ in group]
+        for e, hashing in group:
+            e["sha256"] = hashing.result()
+        self._append_lines(entries)
+        self._journaled.update(e["chunk"] for e in entries)
+
+    def _await_commit(self) -> None:
+        if self._committing is not None:
+            fut, self._committing = self._committing, None
+            fut.result()  # a failed fsync or journal write surfaces here
 
     def close(self) -> None:
         if self._h5 is not None:
             try:
-                self.commit()
+                self.commit()  # waits for the group in flight too
                 self._h5.flush()
                 os.fsync(self._fd)
             finally:

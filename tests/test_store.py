@@ -452,11 +452,13 @@ def test_group_commit_journals_only_durable_chunks(tmp_path):
     assert store.done_chunks(tmp_path, lay) == {}  # written, not committed: resume would redo them
     w.commit()
     assert sorted(store.done_chunks(tmp_path, lay)) == [0, 1]
-    w.commit_seconds = 0.0  # every write is "late": committed immediately
+    w.commit_seconds = 0.0  # every write is "late": its commit starts at once (fsync in the background)
     w.write_chunk(2, make_arrays(lay, 2))
+    w._await_commit()
     assert sorted(store.done_chunks(tmp_path, lay)) == [0, 1, 2]
     w.commit_seconds, w.commit_bytes = 3600, 1  # one chunk exceeds the byte budget
     w.write_chunk(3, make_arrays(lay, 3))
+    w._await_commit()
     done = store.done_chunks(tmp_path, lay)
     w.close()
     assert sorted(done) == [0, 1, 2, 3]
