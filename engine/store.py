@@ -349,12 +349,13 @@ class ShardWriter:
     """Writes the chunks of one (attempt, rank) into its own shard and journal.
 
     Group commit: chunks are written to the shard as they come; the shard fsync, their journal
-    lines and the journal fsync happen once per `commit_bytes` of data or once `commit_seconds`
-    have passed since the last commit (checked at each write, so a chunk that took longer than
-    that to compute is committed at once), and at close. Each journal line still follows its
-    chunk's fsync'ed data, so a kill loses at most the uncommitted group, which resume
-    recomputes. Two fsyncs per chunk made the store 3-4x slower than a raw write of the same
-    bytes (benchmarks/RESULTS.md). The SHA-256 of a chunk runs in a worker thread (hashlib
+    lines and the journal fsync happen once per `commit_bytes` of data (16 MB) or once
+    `commit_seconds` have passed since the last commit (checked at each write, so a chunk that
+    took longer than that to compute is committed at once), and at close; the fsyncs and lines of
+    a group run in a worker thread while the next chunks are written. Each journal line still
+    follows its chunk's fsync'ed data, so a kill loses at most the uncommitted groups, which
+    resume recomputes. Two blocking fsyncs per chunk made the store 3-4x slower than a raw write
+    of the same bytes (benchmarks/RESULTS.md). The SHA-256 of a chunk runs in a worker thread (hashlib
     releases the GIL) while HDF5 writes it and the next chunk is computed; the writer holds the
     chunk's arrays until its commit. ``commit_bytes=0`` commits every chunk."""
 
@@ -362,7 +363,7 @@ class ShardWriter:
     _committer = ThreadPoolExecutor(1, thread_name_prefix="twin-commit")
 
     def __init__(self, run_dir: str | Path, attempt: int, rank: int, layout: Layout,
-                 commit_bytes: int = 64_000_000, commit_seconds: float = 1.0):
+                 commit_bytes: int = 16_000_000, commit_seconds: float = 1.0):
         self.run_dir = Path(run_dir)
         self.attempt = int(attempt)
         self.rank = int(rank)

@@ -6,7 +6,7 @@ the same total bytes (the arrays' payload), interleaved repetitions, median repo
 
   engine            the engine's ShardWriter as `twin run` uses it: per chunk validate, SHA-256 of
                     the arrays (in a second thread, during the HDF5 write), HDF5 datasets; per
-                    group (64 MB or 1 s) flush + fsync of the shard, journal lines + fsync; close
+                    group (16 MB or 1 s) flush, then fsync of the shard + journal lines + fsync in a worker thread while the next chunks are written; close
   engine_per_chunk  the same writer committing every chunk (2 fsyncs per chunk), the policy the
                     engine had before group commit
   raw_dd            os.write of each chunk's bytes, one fsync at the end (dd bs=CHUNK conv=fsync)

@@ -127,7 +127,7 @@ def markdown(res: dict) -> str:
                        f"{b['engine_per_chunk']:.0f} MB/s | {r['ratio_raw_dd_over_engine_per_chunk']:.2f}× | "
                        f"{b['raw_sync']:.0f} MB/s | {r['sha256_mbs']:.0f} MB/s ({r['sha256_ms_per_chunk']:.1f} ms/chunk) |")
         out += ["", "engine = ShardWriter as `twin run` uses it: validate + SHA-256 (second thread, during the HDF5 "
-                    "write) + HDF5 datasets per chunk, shard fsync + journal lines + journal fsync per group (64 MB or "
+                    "write) + HDF5 datasets per chunk, shard fsync + journal lines + journal fsync per group (16 MB or "
                     "1 s), close; commit per chunk = the same writer with two fsyncs per chunk; raw dd = os.write per "
                     "chunk, one fsync at the end (dd conv=fsync); raw + fsync = one fsync per chunk (dd oflag=dsync).", ""]
         for r in io["results"]:
