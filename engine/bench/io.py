@@ -13,7 +13,7 @@ the same total bytes (the arrays' payload), interleaved repetitions, median repo
   raw_sync          os.write + fsync per chunk                            (dd bs=CHUNK oflag=dsync)
   sha256            hashing the same arrays in memory, no IO (what the engine pays that dd does not)
 
-MB/s = payload bytes / wall time, 1 MB = 1e6 bytes.
+MB/s = payload bytes / wall time, 1 MB = 1e6 bytes. os.sync() before each timed write.
 """
 
 from __future__ import annotations
@@ -131,6 +131,10 @@ def measure(work: Path, job_path: Path, chunk_rows: list[int], total_mb: float, 
                 d = work / f"{kind}_{rows}_{r}"
                 shutil.rmtree(d, ignore_errors=True)
                 d.mkdir(parents=True)
+                # every writer starts with no one else's dirty pages in the cache: otherwise the
+                # kernel's writeback of earlier sections (or the previous writer) lands on whoever
+                # runs next
+                os.sync()
                 if kind == "engine":
                     times[kind].append(_writer(d, lay, chunks, n))
                     file_bytes = sum(p.stat().st_size for p in (d / "shards").iterdir())
