@@ -169,7 +169,7 @@ def measure(work: Path, job_path: Path, chunk_rows: list[int], total_mb: float, 
         })
     shutil.rmtree(work, ignore_errors=True)
     head = results[0]
-    return {"method": __doc__.split("\n\n", 1)[1].strip(), "directory": str(work.parent),
+    return {"method": __doc__.split("\n\n", 1)[1].strip(), "directory": work.parent.name,
             "results": results,
             "within_2x_engine": all(r["ratio_raw_dd_over_engine"] <= 2.0 for r in results),
             "headline": {"chunk_patients": head["chunk_patients"], "engine_mbs": head["mbs"]["engine"],

@@ -224,7 +224,9 @@ def _launch(launcher: str, k: int, job: Path, out: Path, threads: int, timeout: 
     wall = time.perf_counter() - t
     if p.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited {p.returncode}:\n{p.stderr[-2000:]}")
-    return {"command": " ".join(shlex.quote(c) for c in cmd), "subprocess_wall_s": wall,
+    # recorded with executables by name: the record is shared, the machine's paths are not
+    shown = [os.path.basename(c) if os.path.isabs(c) and os.access(c, os.X_OK) else c for c in cmd]
+    return {"command": " ".join(shlex.quote(c) for c in shown), "subprocess_wall_s": wall,
             "run_phase_s": run_phase_seconds(out)}
 
 
@@ -232,7 +234,7 @@ def scaling(work: Path, ranks: list[int], strong_n: int, weak_per_rank: int, chu
             threads_per_rank: int, launcher: str | None, reps: int, log, timeout: float = 1800) -> dict:
     launcher = launcher or find_launcher()
     cores = usable_cores()
-    res: dict = {"launcher": launcher, "ranks": ranks, "threads_per_rank": threads_per_rank,
+    res: dict = {"launcher": os.path.basename(launcher) if os.path.isabs(launcher) else launcher, "ranks": ranks, "threads_per_rank": threads_per_rank,
                  "local_cores": cores, "backend": backend, "chunk_size": chunk, "job": TITLE,
                  "timing": "run phase from the rank logs (first 'attempt' to last 'chunk done'); "
                            "subprocess wall includes interpreter start-up, MPI launch and the master file",
