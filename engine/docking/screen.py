@@ -27,9 +27,8 @@ import numpy as np
 
 from .. import provenance, store
 from ..config import LoadedJob
-from ..errors import EXIT_INTERRUPTED, EXIT_OK, Interrupted, JobError, StoreError, TwinError
+from ..errors import EXIT_INTERRUPTED, EXIT_OK, JobError, StoreError, TwinError
 from ..layout import Layout, VarSpec
-from ..parallel import ChunkQueue, abort, lor
 from .prepare import FAILURE_CODES, LigandFailure, prepare_mol3d, prepare_smiles, read_sdf
 
 log = logging.getLogger("twin")
@@ -291,47 +290,16 @@ def _run_chunks(plan, loaded, run_dir, comm, quiet, stop, attempt, done, prov, P
     todo = [c for c in range(lay.n_chunks()) if c not in done]
     log.info("docking attempt %d: %d chunks, %d done, %d to run on %d ranks", attempt, lay.n_chunks(), len(done),
              len(todo), size)
-    progress = Progress(rank == 0 and not quiet, lay, len(done), size)
-    queue = ChunkQueue(comm, todo, on_done=progress.update if rank == 0 else None, should_stop=stop)
-    writer, entries, interrupted = None, {}, False
-    t0, c0 = time.time(), time.process_time()
-    try:
-        for cid in queue:
-            if interrupted:
-                continue
-            try:
-                arrays = compute_chunk(plan, cid, check=stop.check)
-            except Interrupted:
-                interrupted = True
-                queue.leave()
-                continue
-            if writer is None:
-                writer = store.ShardWriter(run_dir, attempt, rank, lay)
-            entries[cid] = writer.write_chunk(cid, arrays)
-            s, e = lay.chunk_bounds(cid)
-            queue.done(cid, e - s)
-            if stop():
-                interrupted = True
-                queue.leave()
-    except Exception as e:  # noqa: BLE001 - fatal for the whole job: never hang the other ranks
-        import traceback
+    from ..runner import process_chunks
 
-        log.error("rank failed: %s", traceback.format_exc())
-        abort(comm, f"failed: {e!r} (see {run_dir}/logs/rank{rank:04d}.log)")
-    finally:
-        if writer is not None:
-            writer.close()
-    queue.close()
+    progress = Progress(rank == 0 and not quiet, lay, len(done), size)
+    t0, c0 = time.time(), time.process_time()
+    all_entries, interrupted, _ = process_chunks(lay, lambda cid: compute_chunk(plan, cid, check=stop.check), run_dir,
+                                                 comm, stop, attempt, done, on_done=progress.update if rank == 0 else None)
     progress.close()
     cpu = comm.gather(time.process_time() - c0, root=0) if size > 1 else [time.process_time() - c0]
-    interrupted = lor(comm, interrupted or stop())
-    gathered = comm.gather(entries, root=0) if size > 1 else [entries]
     code = EXIT_INTERRUPTED if interrupted else EXIT_OK
     if rank == 0:
-        all_entries = dict(done)
-        for g in gathered:
-            for k, v in g.items():
-                all_entries.setdefault(k, v)
         if interrupted or len(all_entries) < lay.n_chunks():
             provenance.append_record(run_dir, {"event": "interrupted", "attempt": attempt,
                                                "chunks_done": len(all_entries), "time": provenance.utc_now()})
