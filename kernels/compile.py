@@ -103,12 +103,13 @@ def _openmp_flag(cc: str) -> list[str]:
         return ["-fopenmp"] if r.returncode == 0 else []
 
 
-def build_shared_library(source: str, name: str) -> Path:
-    """Compile `source` once per (source, compiler, flags); concurrent ranks share the result."""
+def build_shared_library(source: str, name: str, extra_flags: tuple[str, ...] = ()) -> Path:
+    """Compile `source` once per (source, compiler, flags); concurrent ranks share the result.
+    `extra_flags` may only add flags that keep IEEE results (e.g. -fno-trapping-math)."""
     cc = c_compiler()
     if cc is None:
         raise CompileError("no C compiler found (set CC)")
-    flags = CFLAGS + _openmp_flag(cc)
+    flags = CFLAGS + list(extra_flags) + _openmp_flag(cc)
     # -march=native: the key includes the CPU model so a shared cache never hands one node's
     # binary to an older node
     key = hashlib.sha256("\n".join([source, _compiler_id(cc), " ".join(flags), os.uname().machine,

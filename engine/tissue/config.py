@@ -161,6 +161,9 @@ class TissueSection(Strict):
     stop_after_activation: NonNeg | None = None
     activation_threshold: float = 0.0  # mV, up-crossing
     repolarisation_threshold: float = -70.0  # mV, down-crossing that ends the APD
+    # cell step reads V-only rates from lookup tables (0.01 mV steps; kernels/tissue/tables.py) on
+    # the cpu and cuda backends; false: exact formulas everywhere (the numpy backend always is)
+    lookup_tables: bool = True
     outputs: TissueOutputs = TissueOutputs()
     planning: PlanningSection | None = None
 

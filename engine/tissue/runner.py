@@ -59,7 +59,7 @@ def run_tissue(loaded, out_dir: Path, comm=None, quiet: bool = False) -> int:
     plan = make_plan(loaded)
     ts = loaded.job.tissue
     be, xp, build = _backend(loaded, comm)
-    kernels = build(plan.model, be.name)
+    kernels = build(plan.model, be.name, ts.lookup_tables)
     prov = collect(loaded.text, loaded.sha256, be.name, be.device, comm.size, 0)
 
     def progress(t, end):

@@ -23,7 +23,14 @@ from kernels.ode.codegen_c import HEADER, model_source
 from kernels.ode.codegen_numpy import generate
 from kernels.ode.model import Model
 
+from .tables import TableCache, TablePlan, lut_simd_source, lut_step_source, membrane_state, plan_tables
+
 TEMPLATE = Path(__file__).with_name("tissue.c")
+SIMD_MATH = Path(__file__).with_name("simd_math.c")
+# -fno-trapping-math: lets GCC turn the table step's branches into selects and vectorise it; it only
+# drops floating-point trap semantics (never enabled here), values are unchanged. 512-bit vectors
+# where the CPU has them (GCC 12 does not vectorise the loop's AVX-512 masks at 256 bits).
+TISSUE_CFLAGS = ("-fno-trapping-math", "-mprefer-vector-width=512")
 
 
 def fused_step_source(model: Model) -> str:
@@ -50,17 +57,27 @@ def fused_step_source(model: Model) -> str:
     return "\n".join(lines) + "\n"
 
 
+def table_plan(model: Model) -> TablePlan | None:
+    v = membrane_state(model)
+    return plan_tables(model, v) if v is not None else None
+
+
 def tissue_source(model: Model) -> str:
-    """One translation unit: real type, header macros, the cell model, the tissue kernels."""
+    """One translation unit: real type, header macros, the cell model, the fused cell step (exact and
+    lookup-table versions), the tissue kernels."""
     tpl = TEMPLATE.read_text()
     head, tail = tpl.split("/* @@FUSED_STEP@@ */")
-    return "#define TWIN_FLOAT32 0\n" + HEADER + model_source(model) + head + fused_step_source(model) + tail
+    plan = table_plan(model)
+    lut = lut_step_source(plan) if plan is not None else lut_step_source(TablePlan(model, "", [], {}))
+    simd = "#ifndef KERNEL_CUDA\n" + SIMD_MATH.read_text() + lut_simd_source(plan) + "#endif\n"
+    return ("#define TWIN_FLOAT32 0\n" + HEADER + model_source(model) + head + fused_step_source(model) + lut + simd
+            + tail)
 
 
 @dataclass
 class TissueKernels:
     backend: str
-    cell: Callable  # cell(mask, Y, Vs, p, stim_id, stim_amp, t, dt, vidx)
+    cell: Callable  # cell(mask, Y, Vs, p, stim_id, stim_amp, t, dt, vidx); lookup tables if built with them
     diffuse: Callable  # diffuse(shape, mask, V, Vout, D6, h3, dt, cross)
     track: Callable  # track(mask, V, Vprev, act_first, act_last, repol, apd, n_act, t0, dt, thr_act, thr_rep)
     source: str
@@ -76,20 +93,24 @@ def _p(a, t):
     return a.ctypes.data_as(t)
 
 
-def _cpu(model: Model) -> TissueKernels:
+def _cpu(model: Model, tables: bool) -> TissueKernels:
     src = tissue_source(model)
-    lib = ctypes.CDLL(str(build_shared_library(src, f"tissue_{model.name}")))
+    lib = ctypes.CDLL(str(build_shared_library(src, f"tissue_{model.name}", TISSUE_CFLAGS)))
     ll, i, r = ctypes.c_longlong, ctypes.c_int, ctypes.c_double
-    lib.tissue_cell.argtypes = [ll, _U8, _D, _D, _D, _I8, _D, r, r, i, i]
+    lib.tissue_cell.argtypes = [ll, _U8, _D, _D, _D, _I8, _D, r, r, i, _D, r, r, i, i]
     lib.tissue_diffuse.argtypes = [i, i, i, _U8, _D, _D, _D, _D, _D, _D, _D, _D, r, r, r, r, i, i]
     lib.tissue_track.argtypes = [ll, _U8, _D, _D, _D, _D, _D, _D, _I32, r, r, r, r, i]
     for f in (lib.tissue_cell, lib.tissue_diffuse, lib.tissue_track):
         f.restype = None
     th = default_threads()
+    cache = TableCache(table_plan(model) if tables else None)
 
     def cell(mask, Y, Vs, p, stim_id, stim_amp, t, dt, vidx):
+        tab = cache.get(p, dt)
+        lut, v0, idv = tab if tab is not None else (None, 0.0, 0.0)
         lib.tissue_cell(mask.size, _p(mask, _U8), _p(Y, _D), _p(Vs, _D), _p(p, _D), _p(stim_id, _I8),
-                        _p(stim_amp, _D), t, dt, vidx, th)
+                        _p(stim_amp, _D), t, dt, vidx, None if lut is None else _p(lut, _D), v0, idv,
+                        0 if lut is None else lut.shape[0], th)
 
     def diffuse(shape, mask, V, Vout, D6, h3, dt, cross):
         lib.tissue_diffuse(*shape, _p(mask, _U8), _p(V, _D), _p(Vout, _D), *[_p(d, _D) for d in D6], *h3, dt,
@@ -102,10 +123,12 @@ def _cpu(model: Model) -> TissueKernels:
     return TissueKernels("cpu", cell, diffuse, track, src)
 
 
-def _cuda(model: Model) -> TissueKernels:  # pragma: no cover - needs a GPU
+def _cuda(model: Model, tables: bool) -> TissueKernels:  # pragma: no cover - needs a GPU
     import cupy as cp
 
     src = tissue_source(model)
+    cache = TableCache(table_plan(model) if tables else None)
+    dev: dict = {}
     mod = cp.RawModule(code=src, options=("--std=c++14",))
     fc, fd, ft = (mod.get_function(n) for n in ("tissue_cell", "tissue_diffuse", "tissue_track"))
     T = 128
@@ -114,8 +137,14 @@ def _cuda(model: Model) -> TissueKernels:  # pragma: no cover - needs a GPU
         return ((n + T - 1) // T,)
 
     def cell(mask, Y, Vs, p, stim_id, stim_amp, t, dt, vidx):
+        tab = cache.get(cp.asnumpy(p), dt)
+        if tab is not None and dev.get("key") is not cache.key:
+            dev["lut"], dev["key"] = cp.asarray(tab[0]), cache.key
+        lut = dev["lut"] if tab is not None else cp.zeros(1)
+        v0, idv, rows = (tab[1], tab[2], tab[0].shape[0]) if tab is not None else (0.0, 0.0, 0)
         fc(g(mask.size), (T,), (np.int64(mask.size), mask, Y, Vs, p, stim_id, stim_amp, np.float64(t),
-                                np.float64(dt), np.int32(vidx)))
+                                np.float64(dt), np.int32(vidx), lut, np.float64(v0), np.float64(idv),
+                                np.int32(rows)))
 
     def diffuse(shape, mask, V, Vout, D6, h3, dt, cross):
         fd(g(mask.size), (T,), (*[np.int32(s) for s in shape], mask, V, Vout, *D6, *[np.float64(h) for h in h3],
@@ -178,7 +207,7 @@ def numpy_laplacian(shape, mask: np.ndarray, V: np.ndarray, D6, h3, cross: bool)
     return out.reshape(-1)
 
 
-def _numpy(model: Model) -> TissueKernels:
+def _numpy(model: Model, tables: bool) -> TissueKernels:  # noqa: ARG001 - the reference is always exact
     gen = generate(model)
     n_in = max(len(model.inputs), 1)
 
@@ -227,8 +256,10 @@ def _numpy(model: Model) -> TissueKernels:
 _CACHE: dict[tuple, TissueKernels] = {}
 
 
-def tissue_kernels(model: Model, backend: str) -> TissueKernels:
-    key = (id(model), backend)
+def tissue_kernels(model: Model, backend: str, tables: bool = False) -> TissueKernels:
+    """Kernels for `backend`; `tables`: the cell step reads membrane-potential lookup tables
+    (kernels/tissue/tables.py) on cpu and cuda; the numpy reference always uses exact formulas."""
+    key = (id(model), backend, bool(tables))
     if key not in _CACHE:
-        _CACHE[key] = {"numpy": _numpy, "cpu": _cpu, "cuda": _cuda}[backend](model)
+        _CACHE[key] = {"numpy": _numpy, "cpu": _cpu, "cuda": _cuda}[backend](model, bool(tables))
     return _CACHE[key]

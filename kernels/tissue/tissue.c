@@ -27,14 +27,17 @@ DEVICE real tissue_rl_update(real y, real f, real b, real dt) {
 
 DEVICE void tissue_cell_one(twin_idx c, twin_idx n, const unsigned char* mask, real* Y, real* Vs,
                             const real* p, const signed char* stim_id, const real* stim_amp, real t, real dt,
-                            int vidx) {
+                            int vidx, const real* lut, real lut_v0, real lut_idv, int lut_rows) {
     if (!mask[c]) { Vs[c] = Y[(twin_idx)vidx * n + c]; return; }
     real y[NS], yn[NS], u[NIN];
     int i;
     for (i = 0; i < NS; ++i) y[i] = Y[(twin_idx)i * n + c];
     for (i = 0; i < NIN; ++i) u[i] = 0;
     if (stim_id[c] >= 0) u[0] = stim_amp[stim_id[c]];
-    model_rl_step(t, y, p, u, dt, yn); /* Rush-Larsen for gating states (b != 0), forward Euler else */
+    /* Rush-Larsen for gating states (b != 0), forward Euler else; V-only terms from the lookup
+     * table when one is given (lut_rows > 0, kernels/tissue/tables.py) */
+    if (lut_rows > 0) model_rl_step_lut(t, y, p, u, dt, yn, lut, lut_v0, lut_idv, lut_rows);
+    else model_rl_step(t, y, p, u, dt, yn);
     for (i = 0; i < NS; ++i) {
         if (i == vidx) Vs[c] = yn[i]; else Y[(twin_idx)i * n + c] = yn[i];
     }
@@ -142,9 +145,10 @@ DEVICE void tissue_track_one(twin_idx c, const unsigned char* mask, const real* 
 
 #ifdef KERNEL_CUDA
 extern "C" __global__ void tissue_cell(twin_idx n, const unsigned char* mask, real* Y, real* Vs, const real* p,
-                                       const signed char* stim_id, const real* stim_amp, real t, real dt, int vidx) {
+                                       const signed char* stim_id, const real* stim_amp, real t, real dt, int vidx,
+                                       const real* lut, real lut_v0, real lut_idv, int lut_rows) {
     twin_idx c = (twin_idx)blockIdx.x * blockDim.x + threadIdx.x;
-    if (c < n) tissue_cell_one(c, n, mask, Y, Vs, p, stim_id, stim_amp, t, dt, vidx);
+    if (c < n) tissue_cell_one(c, n, mask, Y, Vs, p, stim_id, stim_amp, t, dt, vidx, lut, lut_v0, lut_idv, lut_rows);
 }
 
 extern "C" __global__ void tissue_diffuse(int nx, int ny, int nz, const unsigned char* mask, const real* V, real* Vout,
@@ -170,10 +174,30 @@ extern "C" __global__ void tissue_track(twin_idx n, const unsigned char* mask, c
 #include <omp.h>
 #endif
 void tissue_cell(twin_idx n, const unsigned char* mask, real* Y, real* Vs, const real* p, const signed char* stim_id,
-                 const real* stim_amp, real t, real dt, int vidx, int threads) {
+                 const real* stim_amp, real t, real dt, int vidx, const real* lut, real lut_v0, real lut_idv,
+                 int lut_rows, int threads) {
     twin_idx c;
+    if (lut_rows > 0 && TISSUE_LUT_SIMD && vidx == TISSUE_LUT_VIDX) {
+        /* blocks of voxels through the vectorised table step; the few voxels it leaves (outside the
+         * tissue or the table's V range) get the exact scalar step */
+        const twin_idx B = 512, nb = (n + B - 1) / B;
+        twin_idx b;
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (c = 0; c < n; ++c) tissue_cell_one(c, n, mask, Y, Vs, p, stim_id, stim_amp, t, dt, vidx);
+        for (b = 0; b < nb; ++b) {
+            const twin_idx c0 = b * B, c1 = c0 + B < n ? c0 + B : n;
+            twin_idx cc;
+            tissue_cell_lut_range(c0, c1, n, mask, Y, Vs, p, stim_id, stim_amp, t, dt, lut, lut_v0, lut_idv, lut_rows);
+            for (cc = c0; cc < c1; ++cc) {
+                const real q = (Y[(twin_idx)vidx * n + cc] - lut_v0) * lut_idv;
+                if (!mask[cc] || !(q >= 0 && q < (real)(lut_rows - 1)))
+                    tissue_cell_one(cc, n, mask, Y, Vs, p, stim_id, stim_amp, t, dt, vidx, lut, lut_v0, lut_idv, 0);
+            }
+        }
+        return;
+    }
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (c = 0; c < n; ++c)
+        tissue_cell_one(c, n, mask, Y, Vs, p, stim_id, stim_amp, t, dt, vidx, lut, lut_v0, lut_idv, lut_rows);
 }
 
 void tissue_diffuse(int nx, int ny, int nz, const unsigned char* mask, const real* V, real* Vout, const real* Dxx,
