@@ -29,7 +29,7 @@ from engine.tissue.simulate import simulate  # noqa: E402
 from kernels.tissue.build import tissue_kernels  # noqa: E402
 
 
-def case(dx: float, dt: float, backend: str) -> dict:
+def case(dx: float, dt: float, backend: str, tables: bool = False) -> dict:
     job = ROOT / "jobs" / "niederer_benchmark.toml"
     text = job.read_text().replace("dx = 0.5", f"dx = {dx}").replace("dt = 0.05", f"dt = {dt}")
     text = text.replace("end_time = 200.0", "end_time = 400.0")
@@ -43,11 +43,11 @@ def case(dx: float, dt: float, backend: str) -> dict:
         loaded = parse_job(text, str(job), job)
     plan = make_plan(loaded)
     ts = loaded.job.tissue
-    k = tissue_kernels(plan.model, backend)
+    k = tissue_kernels(plan.model, backend, tables)
     r = simulate(plan.geom, plan.model, plan.params, k, plan.stimuli, dt, ts.end_time, sub, None, plan.points,
                  1.0, (), thr_act=0.0, stop_after_activation=1.0)
     act = {n: round(float(r.maps.activation[ijk]), 3) for n, ijk in plan.points.items()}
-    return {"dx_mm": dx, "dt_ms": dt, "diffusion_substeps": sub, "grid": list(plan.geom.shape),
+    return {"dx_mm": dx, "dt_ms": dt, "lookup_tables": tables, "diffusion_substeps": sub, "grid": list(plan.geom.shape),
             "activation_ms": act, "t_end_ms": r.t_end, **{k_: r.stats[k_] for k_ in
                                                           ("steps", "wall_s", "ms_per_step", "node_updates_per_s",
                                                            "tissue_voxels")}}
@@ -59,13 +59,24 @@ def table(rec: dict) -> str:
     pts = [f"P{i}" for i in range(1, 10)]
     out = ["| dx mm | dt ms | " + " | ".join(pts) + " | steps | wall s | M node-updates/s |",
            "|---:|---:|" + "---:|" * (len(pts) + 3)]
-    for c in sorted(rec["cases"], key=lambda c: (-c["dx_mm"], -c["dt_ms"])):
+    for c in sorted([c for c in rec["cases"] if not c.get("lookup_tables")], key=lambda c: (-c["dx_mm"], -c["dt_ms"])):
         sub = f" ({c['diffusion_substeps']} diffusion sub-steps)" if c["diffusion_substeps"] > 1 else ""
         out.append(f"| {c['dx_mm']} | {c['dt_ms']}{sub} | " + " | ".join(f"{c['activation_ms'][p]:.2f}" for p in pts)
                    + f" | {c['steps']} | {c['wall_s']:.0f} | {c['node_updates_per_s'] / 1e6:.2f} |")
     for dx, row in sorted(ref["by_dx"].items(), key=lambda kv: -float(kv[0])):
         out.append(f"| {dx} | paper, 11 codes, 0.01 | " + " | ".join(f"{row[p][0]:.1f} ± {row[p][1]:.1f}" for p in pts)
                    + " | | | |")
+    exact = {(c["dx_mm"], c["dt_ms"]): c for c in rec["cases"] if not c.get("lookup_tables")}
+    tab = sorted([c for c in rec["cases"] if c.get("lookup_tables")], key=lambda c: (-c["dx_mm"], -c["dt_ms"]))
+    if tab:
+        out += ["", "With lookup tables (`lookup_tables = true`, the job default):", "",
+                "| dx mm | dt ms | " + " | ".join(pts) + " | max abs diff vs exact ms | steps | wall s "
+                "| M node-updates/s |", "|---:|---:|" + "---:|" * (len(pts) + 4)]
+        for c in tab:
+            e = exact.get((c["dx_mm"], c["dt_ms"]))
+            d = f"{max(abs(c['activation_ms'][p] - e['activation_ms'][p]) for p in pts):.3f}" if e else "n/a"
+            out.append(f"| {c['dx_mm']} | {c['dt_ms']} | " + " | ".join(f"{c['activation_ms'][p]:.2f}" for p in pts)
+                       + f" | {d} | {c['steps']} | {c['wall_s']:.0f} | {c['node_updates_per_s'] / 1e6:.2f} |")
     return "\n".join(out)
 
 
@@ -75,6 +86,7 @@ def main() -> None:
     ap.add_argument("--dx", type=float, nargs="+", default=[0.5, 0.2, 0.1])
     ap.add_argument("--dt", type=float, nargs="+", default=[0.05, 0.01, 0.005])
     ap.add_argument("--backend", default="cpu")
+    ap.add_argument("--tables", action="store_true", help="cell step with lookup tables (default: exact formulas)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "niederer.json"))
     a = ap.parse_args()
     out = Path(a.out)
@@ -87,8 +99,10 @@ def main() -> None:
     for dx in a.dx:
         for dt in a.dt:
             t0 = time.time()
-            c = case(dx, dt, a.backend)
-            rec["cases"] = [x for x in rec["cases"] if (x["dx_mm"], x["dt_ms"]) != (dx, dt)] + [c]
+            c = case(dx, dt, a.backend, a.tables)
+            c["omp_threads"], c["load_average_1min"] = os.environ.get("OMP_NUM_THREADS"), os.getloadavg()[0]
+            rec["cases"] = [x for x in rec["cases"] if (x["dx_mm"], x["dt_ms"], bool(x.get("lookup_tables")))
+                            != (dx, dt, a.tables)] + [c]
             out.write_text(json.dumps(rec, indent=1))
             print(f"dx {dx} dt {dt}: {c['activation_ms']} ({time.time() - t0:.0f} s)", flush=True)
 
