@@ -204,3 +204,23 @@ def test_cuda_backend_without_gpu_is_one_line_error(tmp_path):
                  "--autobox_ligand", D / "1stp_ligand.pdbqt", "--backend", "cuda")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
     assert r.stderr.startswith("twin: error: --backend = 'cuda': cannot run here"), r.stderr
+
+
+def test_batch_reproduces_the_previous_per_ligand_kernel(setup):
+    """The chain code moved from vina_search.c's per-ligand vina_dock into vina_chain.h with its
+    arithmetic order unchanged: the batched path reproduces the old kernel's kept energies and
+    best conformations bit for bit (reference made by the old kernel; tests/data/docking/SOURCES.md).
+    Exact equality: same operations in the same order through the same libm; a difference means
+    the order changed (or, on another machine, that its libm rounds sin/cos/exp/log differently)."""
+    import json
+
+    R, ligs, box, _ = setup
+    ref = json.loads((D / "vina_dock_reference.json").read_text())
+    maps = search.compute_maps(R, range(16), box, 1)  # the reference used maps for all 16 XS types
+    models = [search.LigandModel(ligs[n], maps) for n in ref]
+    res = batch.search_chains(models, [ref[n]["seed"] for n in ref],
+                              [(40, search.vina_steps(ligs[n])[1]) for n in ref], 3, 1.0, "cpu", 2)
+    for n, r in zip(ref, res):
+        for k in range(3):
+            assert r.E[k, :r.kept[k]].tolist() == ref[n]["E"][k], (n, k)
+            assert r.C[k, 0].tolist() == ref[n]["C0"][k], (n, k)

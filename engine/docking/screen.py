@@ -177,7 +177,7 @@ def compute_chunk(plan: ScreenPlan, cid: int, check=None) -> dict[str, np.ndarra
 
     lay, d, seed = plan.layout, plan.job.docking, plan.job.job.seed
     lo, hi = lay.chunk_bounds(cid)
-    m, T, M, A = hi - lo, len(d.targets), d.num_modes, d.max_atoms
+    m, T, A = hi - lo, len(d.targets), d.max_atoms
     out = {v.path: np.zeros(tuple(m if x == "ligand" else lay.dims[x] for x in v.dims), dtype=v.dtype)
            for v in lay.vars}
     for key in ("score", "inter", "intra", "terms", "mode_score", "pose"):

@@ -19,6 +19,12 @@
 #else
 #include <math.h>
 #define DEVICE static inline
+#if defined(__GNUC__) && !defined(__clang__)
+/* GCC's SLP vectoriser changes the rounding of quat_increment depending on where it is inlined,
+ * so the same chain would give different bits in different builds; without it every build
+ * computes the source's operation order (as -O0 and nvcc do). Measured cost: see RESULTS.md. */
+#pragma GCC optimize("no-tree-slp-vectorize")
+#endif
 #endif
 typedef unsigned long long u64; /* no stdint.h: NVRTC has no system headers */
 
