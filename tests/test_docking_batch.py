@@ -139,27 +139,31 @@ def test_batch_cuda_source_compiles_with_nvcc_for_sm90(tmp_path):
 @pytest.mark.skipif(not _gpu(), reason="no CUDA device (CuPy) on this machine")
 def test_cuda_batch_matches_cpu(setup):  # pragma: no cover - needs a GPU
     """Same chains on the GPU. Both builds avoid fused multiply-add, but CUDA's sin/cos/exp/log
-    round differently from glibc in the last bit, and a Monte Carlo chain amplifies that, so
-    chains diverge after some steps: the comparison is statistical. (1) Over the first few steps
-    most chains are still bit-for-bit the same path; we require the best energy of at least half
-    of the chains to agree to 1e-6 kcal/mol after 3 steps. (2) Redocking biotin (1stp) on the GPU at
-    the CI effort of test_redock_biotin_within_2A gives a top pose within 2 Å of the crystal pose
-    and a best score within 0.5 kcal/mol of the cpu run (run-to-run spread of the optimum at this
-    effort is about 0.2 kcal/mol)."""
+    may round differently from glibc in the last bit, and a Monte Carlo chain amplifies that, so
+    chains diverge: the comparison is statistical. (1) After one Monte Carlo step (random start,
+    BFGS, refinement) the best energy of at least half of the 24 chains agrees to 1e-6 kcal/mol.
+    Calibration on the CPU with every sin/cos/exp/log result moved by one ulp (a worse case than
+    CUDA's libm, which differs from glibc only for some arguments): 71 % of the chains agree after
+    one step, 58 % after three, 17 % after fifty. (2) Redocking biotin (1stp) on the GPU at the CI
+    effort of test_redock_biotin_within_2A (4 chains, 30 % of Vina's steps), seeds 1-4: at least 3
+    top poses within 2 Å of the crystal pose and every best score below -5.5 kcal/mol. The cpu
+    backend at this effort, seeds 1-6: all 6 within 2 Å (0.43-1.85 Å), best scores -7.44 to -5.90
+    (the crystal pose scores -6.725), so a GPU search of the same quality passes."""
     R, ligs, box, maps = setup
     models = [search.LigandModel(ligs[n], maps) for n in NAMES]
     seeds = [1000 + i for i in range(len(NAMES))]
-    steps = [(3, search.vina_steps(ligs[n])[1]) for n in NAMES]
+    steps = [(1, search.vina_steps(ligs[n])[1]) for n in NAMES]
     cpu = batch.search_chains(models, seeds, steps, 8, 1.0, "cpu", 2)
     gpu = batch.search_chains(models, seeds, steps, 8, 1.0, "cuda")
     a = np.concatenate([c.E[:, 0] for c in cpu])
     b = np.concatenate([g.E[:, 0] for g in gpu])
     assert np.mean(np.abs(a - b) <= 1e-6) >= 0.5, (a, b)
     lig = ligs["1stp"]
-    pc, _ = search.dock(R, lig, box, exhaustiveness=4, seed=1, steps_scale=0.3, maps=maps, backend="cpu")
-    pg, _ = search.dock(R, lig, box, exhaustiveness=4, seed=1, steps_scale=0.3, maps=maps, backend="cuda")
-    assert symmetric_rmsd(lig, pg[0].xyz, lig.xyz) < 2.0
-    assert abs(pg[0].score.total - pc[0].score.total) < 0.5
+    top = [search.dock(R, lig, box, exhaustiveness=4, seed=s, steps_scale=0.3, maps=maps, backend="cuda")[0][0]
+           for s in (1, 2, 3, 4)]
+    rmsd = [symmetric_rmsd(lig, p.xyz, lig.xyz) for p in top]
+    assert sum(r < 2.0 for r in rmsd) >= 3, rmsd
+    assert all(p.score.total < -5.5 for p in top), [p.score.total for p in top]
 
 
 def test_screen_chunks_are_batches_and_chunk_size_does_not_matter(tmp_path):
