@@ -228,3 +228,12 @@ def test_batch_reproduces_the_previous_per_ligand_kernel(setup):
         for k in range(3):
             assert r.E[k, :r.kept[k]].tolist() == ref[n]["E"][k], (n, k)
             assert r.C[k, 0].tolist() == ref[n]["C0"][k], (n, k)
+
+
+def test_twin_dock_backend_value_is_checked_first():
+    from tests.helpers import run_twin
+
+    r = run_twin("dock", "--receptor", D / "1stp_protein.pdbqt", "--ligand", D / "1stp_ligand.pdbqt",
+                 "--autobox_ligand", D / "1stp_ligand.pdbqt", "--backend", "gpu")
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.strip() == "twin: error: --backend = 'gpu': allowed: cpu, cuda, auto"

@@ -103,10 +103,19 @@ def run(args) -> int:
     from kernels.docking import vina_sf as sf
     from kernels.docking.pdbqt import PdbqtError, read_receptor
 
+    from ..backend import resolve
     from .poses import pose_sdf, rmsd_bounds, vina_out
 
     if args.exhaustiveness < 1:
         raise JobError(f"--exhaustiveness = {args.exhaustiveness}: must be >= 1")
+    if args.backend not in ("cpu", "cuda", "auto"):
+        raise JobError(f"--backend = {args.backend!r}: allowed: cpu, cuda, auto")
+    try:
+        backend = resolve(args.backend)
+    except JobError as e:  # resolve names the job key; this is a command-line option
+        raise JobError(str(e).replace("key 'job.backend'", "--backend")) from None
+    if backend.name == "numpy":
+        backend = resolve("cpu")
     box = box_from(args)
     try:
         rec = read_receptor(Path(args.receptor).read_text(), args.receptor)
@@ -137,16 +146,6 @@ def run(args) -> int:
         if args.out and args.local_only:
             Path(args.out).write_text(vina_out(lig, [search.Pose(xyz, s)], [(0.0, 0.0)]))
         return EXIT_OK
-    from ..backend import resolve
-
-    if args.backend not in ("cpu", "cuda", "auto"):
-        raise JobError(f"--backend = {args.backend!r}: allowed: cpu, cuda, auto")
-    try:
-        backend = resolve(args.backend)
-    except JobError as e:  # resolve names the job key; this is a command-line option
-        raise JobError(str(e).replace("key 'job.backend'", "--backend")) from None
-    if backend.name == "numpy":
-        backend = resolve("cpu")
     t0, c0 = time.time(), time.process_time()
     poses, st = search.dock(R, lig, box, exhaustiveness=args.exhaustiveness, seed=args.seed, n_poses=args.num_modes,
                             min_rmsd=args.min_rmsd, energy_range=args.energy_range, steps_scale=args.steps_scale,
