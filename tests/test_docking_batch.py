@@ -237,3 +237,32 @@ def test_twin_dock_backend_value_is_checked_first():
                  "--autobox_ligand", D / "1stp_ligand.pdbqt", "--backend", "gpu")
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.strip() == "twin: error: --backend = 'gpu': allowed: cpu, cuda, auto"
+
+
+def test_failing_batch_is_redocked_per_ligand(tmp_path, monkeypatch):
+    """If a chunk's batched search raises (here: forced for batches holding 'phenol', since no real
+    input makes the kernel raise), the chunk's ligands are docked one at a time: only that ligand
+    is recorded as docking_failed with the reason, the others get the results of a clean run."""
+    from engine.config import load_job
+    from engine.docking import screen
+    from tests.test_docking_screen import job
+
+    lib = tmp_path / "lib.csv"
+    lib.write_text("name,smiles\nphenol,OC1=CC=CC=C1\nparacetamol,CC(=O)NC1=CC=C(O)C=C1\n")
+    plan = screen.make_plan(load_job(job(tmp_path, str(lib), chunk=2)))
+    clean = screen.compute_chunk(plan, 0)
+    real = search.dock_batch
+    n_phenol = int(clean["n_atoms"][0])  # phenol is the smaller molecule
+    assert n_phenol != clean["n_atoms"][1]
+
+    def failing(rec, ligs, *a, **k):
+        if any(len(lg.xs) == n_phenol for lg in ligs):
+            raise FloatingPointError("forced failure")
+        return real(rec, ligs, *a, **k)
+
+    monkeypatch.setattr(search, "dock_batch", failing)
+    out = screen.compute_chunk(plan, 0)
+    assert out["status"][:, 0].tolist() == [screen.STATUS_CODES["docking_failed"], 0]
+    assert out["reason"][0, 0] == b"forced failure" and np.isnan(out["score"][0, 0])
+    assert out["score"][1, 0] == clean["score"][1, 0]
+    np.testing.assert_array_equal(out["pose"][1], clean["pose"][1])
