@@ -27,6 +27,7 @@ def add_arguments(p) -> None:
     p.add_argument("--energy_range", type=float, default=3.0)
     p.add_argument("--min_rmsd", type=float, default=1.0)
     p.add_argument("--cpu", type=int, default=0, help="OpenMP threads (0: all available)")
+    p.add_argument("--backend", default="cpu", help="search backend: cpu (C/OpenMP, default), cuda (GPU) or auto")
     p.add_argument("--score_only", action="store_true", help="score the input pose, print terms")
     p.add_argument("--local_only", action="store_true", help="BFGS local optimisation of the input pose")
     p.add_argument("--out", help="output poses (.pdbqt; .sdf through meeko)")
@@ -102,10 +103,19 @@ def run(args) -> int:
     from kernels.docking import vina_sf as sf
     from kernels.docking.pdbqt import PdbqtError, read_receptor
 
+    from ..backend import resolve
     from .poses import pose_sdf, rmsd_bounds, vina_out
 
     if args.exhaustiveness < 1:
         raise JobError(f"--exhaustiveness = {args.exhaustiveness}: must be >= 1")
+    if args.backend not in ("cpu", "cuda", "auto"):
+        raise JobError(f"--backend = {args.backend!r}: allowed: cpu, cuda, auto")
+    try:
+        backend = resolve(args.backend)
+    except JobError as e:  # resolve names the job key; this is a command-line option
+        raise JobError(str(e).replace("key 'job.backend'", "--backend")) from None
+    if backend.name == "numpy":
+        backend = resolve("cpu")
     box = box_from(args)
     try:
         rec = read_receptor(Path(args.receptor).read_text(), args.receptor)
@@ -139,7 +149,7 @@ def run(args) -> int:
     t0, c0 = time.time(), time.process_time()
     poses, st = search.dock(R, lig, box, exhaustiveness=args.exhaustiveness, seed=args.seed, n_poses=args.num_modes,
                             min_rmsd=args.min_rmsd, energy_range=args.energy_range, steps_scale=args.steps_scale,
-                            threads=threads)
+                            threads=threads, backend=backend.name)
     print(f"Performing docking (random seed: {args.seed}) ... done ({time.time() - t0:.1f} s wall, "
           f"{st['chains']} chains x {st['global_steps']} steps)")
     print("\nmode |   affinity | dist from best mode\n     | (kcal/mol) | rmsd l.b.| rmsd u.b.\n"

@@ -5,6 +5,8 @@ engine's chunk queue, are written to per-rank shards with the journal, and the m
 stitches them (engine.store). A ligand's random streams come from (job seed, ligand index, target
 index), so results are identical whatever the number of ranks, the chunk order or a resume.
 A ligand that cannot be prepared or docked gets a status code and a reason; the screen goes on.
+A chunk's prepared ligands are docked against each target as one batch (kernels.docking.batch) on
+the job's backend: `cpu` (OpenMP over ligand × chain) or `cuda` (one GPU thread per chain).
 
 RUN.h5 (row dimension `ligand`; extra dimensions `target`, `mode`, `atom`, `xyz`, `term`):
   name, smiles, ligand_pdbqt, n_atoms, n_torsions        per ligand
@@ -122,10 +124,12 @@ def make_plan(loaded: LoadedJob, local_rank: int = 0) -> ScreenPlan:
     from ..backend import resolve
 
     req = loaded.job.job.backend
-    if req in ("numpy", "cuda"):
-        raise JobError(f"{loaded.path}: key 'job.backend' = {req!r}: the docking search runs on the 'cpu' backend "
-                       "(C/OpenMP); use 'cpu' or 'auto'")
-    backend = resolve("cpu", local_rank)
+    if req == "numpy":
+        raise JobError(f"{loaded.path}: key 'job.backend' = {req!r}: the docking search runs on the 'cpu' (C/OpenMP) "
+                       "or 'cuda' backend; use 'cpu', 'cuda' or 'auto'")
+    backend = resolve(req, local_rank)
+    if backend.name == "numpy":  # auto found neither a GPU nor a compiler: say why the cpu backend cannot run
+        backend = resolve("cpu", local_rank)
     d = loaded.job.docking
     lib = read_library(loaded.resolve(d.library), d)
     if not lib:
@@ -169,16 +173,16 @@ def _stream(seed: int, *keys: int) -> int:
 
 
 def compute_chunk(plan: ScreenPlan, cid: int, check=None) -> dict[str, np.ndarray]:
-    from kernels.docking import search
     from kernels.docking.pdbqt import PdbqtError, read_ligand
 
     lay, d, seed = plan.layout, plan.job.docking, plan.job.job.seed
     lo, hi = lay.chunk_bounds(cid)
-    m, T, M, A = hi - lo, len(d.targets), d.num_modes, d.max_atoms
+    m, T, A = hi - lo, len(d.targets), d.max_atoms
     out = {v.path: np.zeros(tuple(m if x == "ligand" else lay.dims[x] for x in v.dims), dtype=v.dtype)
            for v in lay.vars}
     for key in ("score", "inter", "intra", "terms", "mode_score", "pose"):
         out[key][...] = np.nan
+    docked = []  # (row, ligand index, Ligand) of the prepared ligands
     for r, i in enumerate(range(lo, hi)):
         if check is not None:
             check()
@@ -205,25 +209,57 @@ def compute_chunk(plan: ScreenPlan, cid: int, check=None) -> dict[str, np.ndarra
         out["ligand_pdbqt"][r] = prep.pdbqt.encode()
         out["n_atoms"][r] = len(lig.xs)
         out["n_torsions"][r] = lig.n_torsions
-        for k in range(T):
-            try:
-                maps = _maps(plan, k, lig.xs[lig.heavy])
-                poses, _ = search.dock(_receptor(plan, k), lig, plan.boxes[k], exhaustiveness=d.exhaustiveness,
-                                       seed=_stream(seed, i, k), n_poses=M, min_rmsd=d.min_rmsd,
-                                       energy_range=d.energy_range, steps_scale=d.steps_scale, maps=maps)
-                if not poses:
-                    raise RuntimeError("no pose found")
-            except (RuntimeError, ValueError, FloatingPointError) as ex:
-                out["status"][r, k] = STATUS_CODES["docking_failed"]
-                out["reason"][r, k] = str(ex).encode()[:REASON_LEN]
-                continue
-            s = poses[0].score
-            out["score"][r, k], out["inter"][r, k], out["intra"][r, k] = s.total, s.inter, s.intra
-            out["terms"][r, k] = s.terms
-            for j, p in enumerate(poses[:M]):
-                out["mode_score"][r, k, j] = p.score.total
-                out["pose"][r, k, j, : len(lig.xs)] = p.xyz
+        docked.append((r, i, lig))
+    for k in range(T):
+        if check is not None:
+            check()
+        if docked:
+            _dock_target(plan, k, docked, out)
     return out
+
+
+def _dock_target(plan: ScreenPlan, k: int, docked, out) -> None:
+    """The chunk's prepared ligands against target k: one batched search (all chains of all
+    ligands in one call on the plan's backend, sharing the target's maps). Streams are keyed by
+    (seed, ligand, target), so a ligand's result is the same in any batch; if the batch raises, the
+    ligands are re-docked one at a time so that only the failing one is recorded as failed."""
+    from kernels.docking import search
+
+    d, seed, M = plan.job.docking, plan.job.job.seed, plan.job.docking.num_modes
+    failures = (RuntimeError, ValueError, FloatingPointError)
+
+    def dock(group):
+        ligs = [lig for _, _, lig in group]
+        maps = _maps(plan, k, np.concatenate([lig.xs[lig.heavy] for lig in ligs]))
+        return search.dock_batch(_receptor(plan, k), ligs, plan.boxes[k], d.exhaustiveness,
+                                 [_stream(seed, i, k) for _, i, _ in group], n_poses=M, min_rmsd=d.min_rmsd,
+                                 energy_range=d.energy_range, steps_scale=d.steps_scale, maps=maps,
+                                 backend=plan.backend.name)
+
+    try:
+        results = dock(docked)
+    except failures as ex:
+        log.info("target %d: batch of %d ligands failed (%s); docking them one at a time", k, len(docked), ex)
+        results = []
+        for one in docked:
+            try:
+                results.append(dock([one])[0])
+            except failures as ex1:
+                results.append(ex1)
+    for (r, _, lig), res in zip(docked, results):
+        if not isinstance(res, Exception) and not res[0]:
+            res = RuntimeError("no pose found")
+        if isinstance(res, Exception):
+            out["status"][r, k] = STATUS_CODES["docking_failed"]
+            out["reason"][r, k] = str(res).encode()[:REASON_LEN]
+            continue
+        poses = res[0]
+        s = poses[0].score
+        out["score"][r, k], out["inter"][r, k], out["intra"][r, k] = s.total, s.inter, s.intra
+        out["terms"][r, k] = s.terms
+        for j, p in enumerate(poses[:M]):
+            out["mode_score"][r, k, j] = p.score.total
+            out["pose"][r, k, j, : len(lig.xs)] = p.xyz
 
 
 def manifest(plan: ScreenPlan) -> dict:

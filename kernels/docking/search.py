@@ -1,5 +1,6 @@
-"""Vina docking on the `cpu` backend: grid maps and Monte Carlo + BFGS chains in C/OpenMP
-(vina_search.c), final poses rescored with explicit receptor atoms by the NumPy reference.
+"""Vina docking: grid maps in C/OpenMP (vina_search.c) or CUDA, Monte Carlo + BFGS chains of a
+batch of ligands on the `cpu` (OpenMP) or `cuda` backend (batch.py, one chain source for both),
+final poses refined against explicit receptor atoms in C and rescored by the NumPy reference.
 
 Conformations are (root origin position, orientation quaternion, torsion angles); a ligand's input
 coordinates are the zero conformation. Search parameters default to Vina's own heuristics.
@@ -28,18 +29,21 @@ SOURCE = Path(__file__).with_name("vina_search.c")
 
 @lru_cache(maxsize=None)
 def _lib():
-    lib = ctypes.CDLL(str(build_shared_library(SOURCE.read_text(), "twin_vina_search")))
+    from .batch import with_header
+
+    lib = ctypes.CDLL(str(build_shared_library(with_header(SOURCE), "twin_vina_search")))
     lig = [_I, _D, _D, ctypes.c_double, _D, ctypes.c_int, _I, _I, _D, ctypes.c_int, _I, _D, _D, _D,
            ctypes.c_int, _I, _I, _D, _D, ctypes.c_int]
     lib.vina_maps.argtypes = [ctypes.c_int, _I, _I, _D, _D, ctypes.c_int, _D, _I, ctypes.c_int, _D, ctypes.c_int, _D,
                               ctypes.c_int]
     lib.vina_eval.argtypes = lig + [ctypes.c_int, _D, ctypes.c_double, _D, _D, _D]
     lib.vina_local.argtypes = lig + [ctypes.c_int, _D, ctypes.c_double, ctypes.c_int, _D, _D]
-    lib.vina_dock.argtypes = lig + [ctypes.c_int, ctypes.c_uint64, ctypes.c_int, ctypes.c_int, ctypes.c_double,
-                                    ctypes.c_int, _D, _D, _D, _I, _L, ctypes.c_int]
+    lib.vina_dock_batch.argtypes = [ctypes.c_int, ctypes.c_int, _I, _D, _D, ctypes.c_double, _D, _L, _I,
+                                    ctypes.POINTER(ctypes.c_uint64), _I, _I, _D, _I, _D, _D, _D, _I, _I, _D, _D,
+                                    ctypes.c_int, ctypes.c_double, ctypes.c_int, _D, _D, _D, _I, _L, _D, ctypes.c_int]
     lib.vina_refine.argtypes = lig + [ctypes.c_int, _D, _I, _I, ctypes.c_int, _D, _D, _D, _I, _I, _I, ctypes.c_int, _D,
                                       ctypes.c_double, ctypes.c_int, _D, _D, ctypes.c_int]
-    for f in (lib.vina_maps, lib.vina_eval, lib.vina_local, lib.vina_dock, lib.vina_refine):
+    for f in (lib.vina_maps, lib.vina_eval, lib.vina_local, lib.vina_dock_batch, lib.vina_refine):
         f.restype = ctypes.c_int
     return lib
 
@@ -239,24 +243,45 @@ def vina_steps(lig: Ligand) -> tuple[int, int]:
 
 def dock(rec: sf.ReceptorIndex, lig: Ligand, box: sf.Box, exhaustiveness: int = 8, seed: int = 0, n_poses: int = 9,
          min_rmsd: float = 1.0, energy_range: float = 3.0, steps_scale: float = 1.0, maps: Maps | None = None,
-         threads: int | None = None, refine_explicit: bool = True) -> tuple[list[Pose], dict]:
+         threads: int | None = None, refine_explicit: bool = True, backend: str = "cpu") -> tuple[list[Pose], dict]:
     """Dock one ligand: `exhaustiveness` independent chains, poses clustered at `min_rmsd`,
     rescored with explicit receptor atoms. Returns (poses best first, statistics)."""
-    maps = maps or compute_maps(rec, lig.xs[lig.xs != NO_XS], box, threads)
-    model = LigandModel(lig, maps)
-    global_steps, local_steps = vina_steps(lig)
-    global_steps = max(1, int(global_steps * steps_scale))
-    keep = 20
-    nc, na = model.n_conf, len(lig.xs)
-    E = np.full((exhaustiveness, keep), np.inf)
-    C = np.zeros((exhaustiveness, keep, nc))
-    X = np.zeros((exhaustiveness, keep, na, 3))
-    kept = np.zeros(exhaustiveness, dtype=np.int32)
-    evals = np.zeros(exhaustiveness, dtype=np.int64)
-    _lib().vina_dock(*model.args(), exhaustiveness, ctypes.c_uint64(seed % 2**64), global_steps, local_steps, min_rmsd,
-                     keep, _p(E, _D), _p(C, _D), _p(X, _D), _p(kept, _I), evals.ctypes.data_as(_L),
-                     threads or default_threads())
-    cand = [(E[k, i], X[k, i], C[k, i]) for k in range(exhaustiveness) for i in range(kept[k])]
+    return dock_batch(rec, [lig], box, exhaustiveness, [seed], n_poses, min_rmsd, energy_range, steps_scale, maps,
+                      threads, refine_explicit, backend)[0]
+
+
+def dock_batch(rec: sf.ReceptorIndex, ligs: list[Ligand], box: sf.Box, exhaustiveness: int, seeds, n_poses: int = 9,
+               min_rmsd: float = 1.0, energy_range: float = 3.0, steps_scale: float = 1.0, maps: Maps | None = None,
+               threads: int | None = None, refine_explicit: bool = True,
+               backend: str = "cpu") -> list[tuple[list[Pose], dict]]:
+    """Dock several ligands into one receptor box: all their chains run in one batched call on
+    `backend` ('cpu' or 'cuda'), sharing the receptor maps; each ligand's chain results are then
+    merged, refined and scored as one ligand. Ligand i's chains use seed `seeds[i]`."""
+    from .batch import search_chains
+
+    if maps is None:
+        maps = compute_maps(rec, np.concatenate([lg.xs[lg.xs != NO_XS] for lg in ligs]), box, threads)
+    models = [LigandModel(lg, maps) for lg in ligs]
+    steps = []
+    for lg in ligs:
+        g, loc = vina_steps(lg)
+        steps.append((max(1, int(g * steps_scale)), loc))
+    threads = threads or default_threads()
+    chains = search_chains(models, seeds, steps, exhaustiveness, min_rmsd, backend, threads)
+    cells = ReceptorCells(rec, box) if refine_explicit else None
+    out = []
+    for lg, model, ch, (g, loc) in zip(ligs, models, chains, steps):
+        poses = finish_ligand(rec, lg, box, model, ch, n_poses, min_rmsd, energy_range, cells, threads)
+        out.append((poses, {"global_steps": g, "local_steps": loc, "chains": exhaustiveness,
+                            "bfgs_calls": int(ch.evals.sum())}))
+    return out
+
+
+def finish_ligand(rec: sf.ReceptorIndex, lig: Ligand, box: sf.Box, model: "LigandModel", ch, n_poses: int,
+                  min_rmsd: float, energy_range: float, cells: "ReceptorCells | None", threads: int) -> list[Pose]:
+    """One ligand's chain poses: merged best first, clustered at min_rmsd (Vina remove_redundant),
+    refined against explicit receptor atoms (when `cells`), scored, cut to energy_range/n_poses."""
+    cand = [(ch.E[k, i], ch.X[k, i], ch.C[k, i]) for k in range(len(ch.kept)) for i in range(ch.kept[k])]
     cand.sort(key=lambda t: t[0])
     heavy = lig.heavy
     chosen: list[np.ndarray] = []
@@ -265,8 +290,8 @@ def dock(rec: sf.ReceptorIndex, lig: Ligand, box: sf.Box, exhaustiveness: int = 
         if all(heavy_rmsd(x, y, heavy) >= min_rmsd for y in chosen):
             chosen.append(x)
             confs.append(c)
-    if refine_explicit and confs:  # as Vina: refine against explicit receptor atoms before scoring
-        _, _, xr = refine(model, ReceptorCells(rec, box), np.array(confs), threads)
+    if cells is not None and confs:  # as Vina: refine against explicit receptor atoms before scoring
+        _, _, xr = refine(model, cells, np.array(confs), threads)
         chosen = list(xr)
     inter = [sf.inter_energy(rec, x, lig.xs, box) for x in chosen]
     intra = [sf.intra_energy(x, lig.xs, lig.pairs) for x in chosen]
@@ -277,9 +302,7 @@ def dock(rec: sf.ReceptorIndex, lig: Ligand, box: sf.Box, exhaustiveness: int = 
         s = score_with_terms(rec, chosen[i], lig, box, unbound)
         poses.append(Pose(chosen[i], s))
     best = poses[0].score.total if poses else np.nan
-    poses = [p for p in poses if p.score.total <= best + energy_range][:n_poses]
-    return poses, {"global_steps": global_steps, "local_steps": local_steps, "chains": exhaustiveness,
-                   "bfgs_calls": int(evals.sum())}
+    return [p for p in poses if p.score.total <= best + energy_range][:n_poses]
 
 
 def score_with_terms(rec: sf.ReceptorIndex, xyz: np.ndarray, lig: Ligand, box: sf.Box | None,
