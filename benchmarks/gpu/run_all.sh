@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: check every CUDA kernel against the NumPy reference, then time the
 # ensemble cases (Lorenz, UVA/Padova, PK) on the GPU next to Diffrax (JAX) and torchdiffeq on the
-# same GPU, and the batched docking search against single-core AutoDock Vina. Results go to $OUT
+# same GPU, the batched docking search against single-core AutoDock Vina, and the tissue
+# monodomain kernels (Niederer slab at dx 0.1 mm). Results go to $OUT
 # (default benchmarks/gpu/out): device.txt, parity.txt, ensemble_gpu.json/.txt,
 # docking_gpu.json/.txt. Copy the tables into benchmarks/RESULTS.md with the device name.
 #
@@ -19,7 +20,12 @@ python3 -m pytest -q -p no:cacheprovider tests/test_kernel_parity.py tests/test_
 # docking: maps and the batched Monte Carlo + BFGS search on cuda vs cpu (maps, chains, redock RMSD)
 python3 -m pytest -q -p no:cacheprovider tests/test_docking_cuda.py tests/test_docking_batch.py -rs \
   2>&1 | tee -a "$OUT/parity.txt"
+# tissue: the monodomain kernels (exact and lookup-table cell step) on cuda vs cpu
+python3 -m pytest -q -p no:cacheprovider tests/test_tissue.py -k cuda -rs 2>&1 | tee -a "$OUT/parity.txt"
 # throughput: ours (cuda) vs Diffrax (JAX on the GPU) vs torchdiffeq (batched, GPU)
 python3 benchmarks/ensemble.py --backend cuda --torchdiffeq -o "$OUT/ensemble_gpu.json" 2>&1 | tee "$OUT/ensemble_gpu.txt"
 # docking: cuda vs cpu best scores, 1stp redock on the GPU, ligands/s vs single-core AutoDock Vina
 python3 benchmarks/docking_gpu.py --backend cuda -o "$OUT/docking_gpu.json" 2>&1 | tee "$OUT/docking_gpu.txt"
+# tissue: Niederer slab at dx 0.1 mm, 100 ms on the GPU (target <= 2 s), tables and exact
+python3 benchmarks/tissue_gpu.py -o "$OUT/tissue_gpu.json" 2>&1 | tee "$OUT/tissue_gpu.txt"
+python3 benchmarks/tissue_gpu.py --exact -o "$OUT/tissue_gpu_exact.json" 2>&1 | tee -a "$OUT/tissue_gpu.txt"
