@@ -137,7 +137,9 @@ def _cuda(model: Model, tables: bool) -> TissueKernels:  # pragma: no cover - ne
         return ((n + T - 1) // T,)
 
     def cell(mask, Y, Vs, p, stim_id, stim_amp, t, dt, vidx):
-        tab = cache.get(cp.asnumpy(p), dt)
+        if dev.get("p") is not p or dev.get("dt") != dt:  # a device->host copy only when p or dt change
+            dev["tab"], dev["p"], dev["dt"] = cache.get(cp.asnumpy(p), dt), p, dt
+        tab = dev["tab"]
         if tab is not None and dev.get("key") is not cache.key:
             dev["lut"], dev["key"] = cp.asarray(tab[0]), cache.key
         lut = dev["lut"] if tab is not None else cp.zeros(1)
