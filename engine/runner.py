@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -259,62 +260,80 @@ def _setup_rank_log(run_dir: Path, rank: int) -> None:
     log.info("rank %d pid %d host %s", rank, os.getpid(), os.uname().nodename)
 
 
-def run(loaded: LoadedJob, run_dir: Path, comm, quiet: bool = False) -> int:
-    """Run (or resume) a job on every rank of `comm`. Returns the process exit code."""
-    stop = StopFlag()
-    stop.install()
-    rank, size = comm.rank, comm.size
-    local_rank = int(os.environ.get("MPI_LOCALRANKID", os.environ.get("SLURM_LOCALID", rank)))
+def local_rank_of(comm) -> int:
+    return int(os.environ.get("MPI_LOCALRANKID", os.environ.get("SLURM_LOCALID", comm.rank)))
 
-    # every rank plans; a user error is reported once (rank 0) and every rank exits with it
-    err = None
+
+def plan_on_every_rank(comm, make):
+    """`make()` on every rank. A user error (TwinError) is reported once, by the first rank that
+    has one, and raised on every rank; any other exception aborts the whole job (a bug on one rank
+    must not leave the others waiting)."""
+    err = plan = None
     try:
-        plan = make_plan(loaded, local_rank)
+        plan = make()
     except TwinError as e:
         err = e
-    except Exception:  # noqa: BLE001 - a bug on one rank must not leave the others waiting
-        if size > 1:
+    except Exception:  # noqa: BLE001
+        if comm.size > 1:
             import traceback
 
             abort(comm, "failed while planning:\n" + traceback.format_exc())
         raise
-    errs = comm.gather(None if err is None else str(err), root=0) if size > 1 else [None if err is None else str(err)]
+    errs = comm.gather(None if err is None else str(err), root=0) if comm.size > 1 else [None if err is None else str(err)]
     first = comm.bcast(next((e for e in (errs or []) if e), None), root=0)
     if first:
         raise err if err is not None else TwinError(first)
+    return plan
 
-    lay = plan.layout
+
+@contextmanager
+def open_attempt(run_dir: Path, comm, loaded, layout: Layout, manifest, backend, seed: int,
+                 record: dict | None = None, on_open=None):
+    """Rank 0 takes the run lock, creates or checks the run directory against `manifest()`, finds
+    the committed chunks and appends the attempt's start record (`record` adds or overrides
+    fields; `on_open()` runs after it); every rank gets (attempt, done, provenance). The lock is
+    released when the block ends, however it ends."""
     info = None
-    lock = store.RunLock(run_dir) if rank == 0 else None
-    if rank == 0:
+    lock = store.RunLock(run_dir) if comm.rank == 0 else None
+    if comm.rank == 0:
         try:
             lock.acquire()
-            attempt = store.init_run_dir(run_dir, manifest(plan))
-            done = store.done_chunks(run_dir, lay)
-            prov = provenance.collect(loaded.text, loaded.sha256, plan.backend.name, plan.backend.device, size,
-                                      plan.job.job.seed)
+            attempt = store.init_run_dir(run_dir, manifest())
+            done = store.done_chunks(run_dir, layout)
+            prov = provenance.collect(loaded.text, loaded.sha256, backend.name, backend.device, comm.size, seed)
             provenance.append_record(run_dir, {"event": "start", "attempt": attempt, "job_sha256": loaded.sha256,
-                                               "ranks": size, "backend": plan.backend.name,
-                                               "host": prov.get("host"), "time": prov.get("start_time")})
+                                               "ranks": comm.size, "backend": backend.name,
+                                               "host": prov.get("host"), "time": prov.get("start_time"),
+                                               **(record or {})})
+            if on_open is not None:
+                on_open()
             info = (attempt, done, prov, None)
         except TwinError as e:
             info = (None, None, None, str(e))
         except Exception:  # noqa: BLE001
-            if size > 1:
+            if comm.size > 1:
                 import traceback
 
                 abort(comm, "failed while opening the run directory:\n" + traceback.format_exc())
             raise
     attempt, done, prov, err0 = comm.bcast(info, root=0)
-    if err0:
-        if lock is not None:
-            lock.release()
-        raise StoreError(err0)
     try:
-        return _run_chunks(plan, loaded, run_dir, comm, quiet, stop, attempt, done, prov)
+        if err0:
+            raise StoreError(err0)
+        yield attempt, done, prov
     finally:
         if lock is not None:
             lock.release()
+
+
+def run(loaded: LoadedJob, run_dir: Path, comm, quiet: bool = False) -> int:
+    """Run (or resume) a job on every rank of `comm`. Returns the process exit code."""
+    stop = StopFlag()
+    stop.install()
+    plan = plan_on_every_rank(comm, lambda: make_plan(loaded, local_rank_of(comm)))
+    with open_attempt(run_dir, comm, loaded, plan.layout, lambda: manifest(plan), plan.backend,
+                      plan.job.job.seed) as (attempt, done, prov):
+        return _run_chunks(plan, loaded, run_dir, comm, quiet, stop, attempt, done, prov)
 
 
 def process_chunks(lay: Layout, compute, run_dir: Path, comm, stop, attempt: int, done: dict, on_done=None):

@@ -24,7 +24,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -35,12 +34,11 @@ from kernels.ode.integrate_numpy import SolverOptions
 
 from .. import provenance, store
 from ..backend import resolve
-from ..errors import EXIT_INTERRUPTED, EXIT_OK, CohortError, StoreError, TwinError
+from ..errors import EXIT_INTERRUPTED, EXIT_OK, CohortError, TwinError
 from ..layout import Layout, VarSpec
 from ..models import job_model
 from ..observations import Observations, import_observations
-from ..parallel import abort
-from ..runner import StopFlag, _say, _setup_rank_log, process_chunks
+from ..runner import StopFlag, _say, _setup_rank_log, local_rank_of, open_attempt, plan_on_every_rank, process_chunks
 from .job import LoadedCalibration
 from .map_fit import FIT_NAMES, FIT_STATUS, FitProblem, map_fit
 from .population import population_fit_chunks
@@ -234,24 +232,7 @@ class CalibrationPlan:
 def calibrate(loaded: LoadedCalibration, run_dir: Path, comm, quiet: bool = False) -> int:
     stop = StopFlag()
     stop.install()
-    rank, size = comm.rank, comm.size
-    local_rank = int(os.environ.get("MPI_LOCALRANKID", os.environ.get("SLURM_LOCALID", rank)))
-    err = None
-    try:
-        plan = CalibrationPlan(loaded, local_rank)
-    except TwinError as e:
-        err, plan = e, None
-    except Exception:  # noqa: BLE001
-        if size > 1:
-            import traceback
-
-            abort(comm, "failed while planning:\n" + traceback.format_exc())
-        raise
-    errs = comm.gather(None if err is None else str(err), root=0) if size > 1 else [None if err is None else str(err)]
-    first = comm.bcast(next((e for e in (errs or []) if e), None), root=0)
-    if first:
-        raise err if err is not None else TwinError(first)
-
+    plan = plan_on_every_rank(comm, lambda: CalibrationPlan(loaded, local_rank_of(comm)))
     t0 = time.time()
     if loaded.job.calibration.population:
         try:
@@ -259,35 +240,11 @@ def calibrate(loaded: LoadedCalibration, run_dir: Path, comm, quiet: bool = Fals
         except RuntimeError as e:
             raise TwinError(f"{loaded.path}: {e}") from None
     t_pop = time.time() - t0
-
-    lay = plan.layout
-    info = None
-    lock = store.RunLock(run_dir) if rank == 0 else None
-    if rank == 0:
-        try:
-            lock.acquire()
-            attempt = store.init_run_dir(run_dir, plan.manifest())
-            done = store.done_chunks(run_dir, lay)
-            prov = provenance.collect(loaded.text, loaded.sha256, plan.backend.name, plan.backend.device, size,
-                                      loaded.job.job.seed)
-            provenance.append_record(run_dir, {"event": "start", "kind": KIND, "attempt": attempt,
-                                               "job_sha256": loaded.sha256, "observations_sha256": plan.obs.sha256,
-                                               "model": plan.model.name, "model_sha256": model_sha256(plan.model),
-                                               "ranks": size, "backend": plan.backend.name, "time": prov["start_time"]})
-            _write_issues(run_dir, plan.obs)
-            info = (attempt, done, prov, None)
-        except TwinError as e:
-            info = (None, None, None, str(e))
-    attempt, done, prov, err0 = comm.bcast(info, root=0)
-    if err0:
-        if lock is not None:
-            lock.release()
-        raise StoreError(err0)
-    try:
+    record = {"kind": KIND, "observations_sha256": plan.obs.sha256, "model": plan.model.name,
+              "model_sha256": model_sha256(plan.model)}
+    with open_attempt(run_dir, comm, loaded, plan.layout, plan.manifest, plan.backend, loaded.job.job.seed,
+                      record, on_open=lambda: _write_issues(run_dir, plan.obs)) as (attempt, done, prov):
         return _fit_chunks(plan, run_dir, comm, quiet, stop, attempt, done, prov, t_pop)
-    finally:
-        if lock is not None:
-            lock.release()
 
 
 def model_sha256(model) -> str:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ import numpy as np
 
 from .. import provenance, store
 from ..config import LoadedJob
-from ..errors import EXIT_INTERRUPTED, EXIT_OK, JobError, StoreError, TwinError
+from ..errors import EXIT_INTERRUPTED, EXIT_OK, JobError
 from ..layout import Layout, VarSpec
 from .prepare import FAILURE_CODES, LigandFailure, prepare_mol3d, prepare_smiles, read_sdf
 
@@ -275,48 +274,15 @@ def manifest(plan: ScreenPlan) -> dict:
 
 
 def run(loaded: LoadedJob, run_dir: Path, comm, quiet: bool = False) -> int:
-    """Run or resume a docking screen on every rank of `comm` (mirrors engine.runner.run)."""
-    from ..runner import StopFlag, _Progress, _setup_rank_log
+    """Run or resume a docking screen on every rank of `comm` (the cohort runner's start-up)."""
+    from ..runner import StopFlag, _Progress, _setup_rank_log, local_rank_of, open_attempt, plan_on_every_rank
 
     stop = StopFlag()
     stop.install()
-    rank, size = comm.rank, comm.size
-    local_rank = int(os.environ.get("MPI_LOCALRANKID", os.environ.get("SLURM_LOCALID", rank)))
-    err = None
-    try:
-        plan = make_plan(loaded, local_rank)
-    except TwinError as e:
-        err = e
-    errs = comm.gather(None if err is None else str(err), root=0) if size > 1 else [None if err is None else str(err)]
-    first = comm.bcast(next((e for e in (errs or []) if e), None), root=0)
-    if first:
-        raise err if err is not None else TwinError(first)
-    lay = plan.layout
-    info = None
-    lock = store.RunLock(run_dir) if rank == 0 else None
-    if rank == 0:
-        try:
-            lock.acquire()
-            attempt = store.init_run_dir(run_dir, manifest(plan))
-            done = store.done_chunks(run_dir, lay)
-            prov = provenance.collect(loaded.text, loaded.sha256, plan.backend.name, plan.backend.device, size,
-                                      plan.job.job.seed)
-            provenance.append_record(run_dir, {"event": "start", "attempt": attempt, "job_sha256": loaded.sha256,
-                                               "ranks": size, "backend": plan.backend.name,
-                                               "host": prov.get("host"), "time": prov.get("start_time")})
-            info = (attempt, done, prov, None)
-        except TwinError as e:
-            info = (None, None, None, str(e))
-    attempt, done, prov, err0 = comm.bcast(info, root=0)
-    if err0:
-        if lock is not None:
-            lock.release()
-        raise StoreError(err0)
-    try:
+    plan = plan_on_every_rank(comm, lambda: make_plan(loaded, local_rank_of(comm)))
+    with open_attempt(run_dir, comm, loaded, plan.layout, lambda: manifest(plan), plan.backend,
+                      plan.job.job.seed) as (attempt, done, prov):
         return _run_chunks(plan, loaded, run_dir, comm, quiet, stop, attempt, done, prov, _Progress, _setup_rank_log)
-    finally:
-        if lock is not None:
-            lock.release()
 
 
 def _run_chunks(plan, loaded, run_dir, comm, quiet, stop, attempt, done, prov, Progress, setup_log) -> int:
