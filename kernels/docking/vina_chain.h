@@ -372,28 +372,9 @@ DEVICE double heavy_rmsd(const problem *P, const double *a, const double *b) {
     return sqrt(s / (P->n_heavy > 0 ? P->n_heavy : 1));
 }
 
-/* keep up to `cap` poses sorted by energy, none within min_rmsd of another (Vina add_to_output_container) */
-DEVICE void add_pose(const problem *P, int *count, int cap, double *E, double *C, double *X, double e, const double *c,
-                     const double *x, double min_rmsd) {
-    int nc = 6 + P->n_bodies, na3 = 3 * P->n_atoms;
-    for (int k = 0; k < *count; k++) {
-        if (heavy_rmsd(P, X + (long)k * na3, x) < min_rmsd) {
-            if (e < E[k]) { /* replace and re-sort */
-                E[k] = e;
-                copy_d(C + (long)k * nc, c, nc);
-                copy_d(X + (long)k * na3, x, na3);
-                while (k > 0 && E[k] < E[k - 1]) {
-                    double te = E[k]; E[k] = E[k - 1]; E[k - 1] = te;
-                    for (int i = 0; i < nc; i++) { double t = C[(long)k * nc + i]; C[(long)k * nc + i] = C[(long)(k - 1) * nc + i]; C[(long)(k - 1) * nc + i] = t; }
-                    for (int i = 0; i < na3; i++) { double t = X[(long)k * na3 + i]; X[(long)k * na3 + i] = X[(long)(k - 1) * na3 + i]; X[(long)(k - 1) * na3 + i] = t; }
-                    k--;
-                }
-            }
-            return;
-        }
-    }
-    int k = *count < cap ? (*count)++ : cap - 1;
-    if (k == cap - 1 && *count == cap && e >= E[k]) return;
+/* put pose (e, c, x) in slot k and bubble it up to keep E ascending */
+DEVICE void place_pose(int k, int nc, int na3, double *E, double *C, double *X, double e, const double *c,
+                       const double *x) {
     E[k] = e;
     copy_d(C + (long)k * nc, c, nc);
     copy_d(X + (long)k * na3, x, na3);
@@ -403,6 +384,21 @@ DEVICE void add_pose(const problem *P, int *count, int cap, double *E, double *C
         for (int i = 0; i < na3; i++) { double t = X[(long)k * na3 + i]; X[(long)k * na3 + i] = X[(long)(k - 1) * na3 + i]; X[(long)(k - 1) * na3 + i] = t; }
         k--;
     }
+}
+
+/* keep up to `cap` poses sorted by energy, none within min_rmsd of another (Vina add_to_output_container) */
+DEVICE void add_pose(const problem *P, int *count, int cap, double *E, double *C, double *X, double e, const double *c,
+                     const double *x, double min_rmsd) {
+    int nc = 6 + P->n_bodies, na3 = 3 * P->n_atoms;
+    for (int k = 0; k < *count; k++) {
+        if (heavy_rmsd(P, X + (long)k * na3, x) < min_rmsd) {
+            if (e < E[k]) place_pose(k, nc, na3, E, C, X, e, c, x); /* replace and re-sort */
+            return;
+        }
+    }
+    int k = *count < cap ? (*count)++ : cap - 1;
+    if (k == cap - 1 && *count == cap && e >= E[k]) return;
+    place_pose(k, nc, na3, E, C, X, e, c, x);
 }
 
 

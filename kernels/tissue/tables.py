@@ -74,25 +74,30 @@ def _costly(n: tuple, costly_names: set) -> bool:
     return _costly(n[1], costly_names) or _costly(n[2], costly_names)
 
 
-def _expand_pow(n: tuple) -> tuple:
-    """x**2, x**3, x**4 as products: C's pow() is a library call for exponents other than 2."""
+def _map(n: tuple, f) -> tuple:
+    """`n` with `f` applied to each direct sub-expression (names and numbers unchanged)."""
     k = n[0]
     if k in ("name", "num"):
         return n
     if k == "neg":
-        return ("neg", _expand_pow(n[1]))
+        return ("neg", f(n[1]))
     if k == "call":
-        return ("call", n[1], tuple(_expand_pow(a) for a in n[2]))
+        return ("call", n[1], tuple(f(a) for a in n[2]))
     if k == "ifelse":
         _, op, l, r = n[1]
-        return ("ifelse", ("cmp", op, _expand_pow(l), _expand_pow(r)), _expand_pow(n[2]), _expand_pow(n[3]))
-    a, b = _expand_pow(n[1]), _expand_pow(n[2])
-    if k == "pow" and b[0] == "num" and b[1] in _SMALL_POW:
-        out = a
-        for _ in range(int(b[1]) - 1):
-            out = ("mul", out, a)
+        return ("ifelse", ("cmp", op, f(l), f(r)), f(n[2]), f(n[3]))
+    return (k, f(n[1]), f(n[2]))
+
+
+def _expand_pow(n: tuple) -> tuple:
+    """x**2, x**3, x**4 as products: C's pow() is a library call for exponents other than 2."""
+    n = _map(n, _expand_pow)
+    if n[0] == "pow" and n[2][0] == "num" and n[2][1] in _SMALL_POW:
+        out = n[1]
+        for _ in range(int(n[2][1]) - 1):
+            out = ("mul", out, n[1])
         return out
-    return (k, a, b)
+    return n
 
 
 class _Rewriter:
@@ -116,19 +121,9 @@ class _Rewriter:
             return n
         if self._vonly(n):
             return self.column(n)
-        k = n[0]
         # (1/b is not tabulated for a V-only denominator b: b may cross zero inside the table, e.g.
         # exp(2(V-15)F/RT) - 1 of the L-type current, and a pole does not interpolate linearly)
-        if k == "name":
-            return n
-        if k == "neg":
-            return ("neg", self(n[1]))
-        if k == "call":
-            return ("call", n[1], tuple(self(a) for a in n[2]))
-        if k == "ifelse":
-            _, op, l, r = n[1]
-            return ("ifelse", ("cmp", op, self(l), self(r)), self(n[2]), self(n[3]))
-        return (k, self(n[1]), self(n[2]))
+        return _map(n, self)
 
 
 def plan_tables(model: Model, vname: str) -> TablePlan:
@@ -168,21 +163,11 @@ def _recip(n: tuple, params: frozenset) -> tuple:
     """a / b with b made of parameters and numbers only -> a * (1 / b): the reciprocal is folded at
     compile time or hoisted out of the voxel loop (a division is ~10x a multiplication in SIMD
     units; the product differs from the quotient by at most an ulp)."""
-    k = n[0]
-    if k in ("name", "num"):
-        return n
-    if k == "neg":
-        return ("neg", _recip(n[1], params))
-    if k == "call":
-        return ("call", n[1], tuple(_recip(a, params) for a in n[2]))
-    if k == "ifelse":
-        _, op, l, r = n[1]
-        return ("ifelse", ("cmp", op, _recip(l, params), _recip(r, params)), _recip(n[2], params),
-                _recip(n[3], params))
-    a, b = _recip(n[1], params), _recip(n[2], params)
-    if k == "div" and _names(b) <= params and not (b[0] == "num" and b[1] in (1.0, 2.0, 4.0, 0.5)):
-        return ("mul", a, ("div", ("num", 1.0), b))
-    return (k, a, b)
+    n = _map(n, lambda x: _recip(x, params))
+    b = n[2] if n[0] == "div" else None
+    if b is not None and _names(b) <= params and not (b[0] == "num" and b[1] in (1.0, 2.0, 4.0, 0.5)):
+        return ("mul", n[1], ("div", ("num", 1.0), b))
+    return n
 
 
 def _fewer_divisions(n: tuple) -> tuple:
@@ -190,26 +175,19 @@ def _fewer_divisions(n: tuple) -> tuple:
     changes by a few ulp, which the table step's interpolation error dwarfs:
       (a / b) / c -> a / (b c),   (a / b) (c / d) -> (a c) / (b d),
       a / (b +- c / d) -> (a d) / (b d +- c)."""
+    n = _map(n, _fewer_divisions)
     k = n[0]
-    if k in ("name", "num"):
+    if k not in ("div", "mul"):
         return n
-    if k == "neg":
-        return ("neg", _fewer_divisions(n[1]))
-    if k == "call":
-        return ("call", n[1], tuple(_fewer_divisions(a) for a in n[2]))
-    if k == "ifelse":
-        _, op, l, r = n[1]
-        return ("ifelse", ("cmp", op, _fewer_divisions(l), _fewer_divisions(r)), _fewer_divisions(n[2]),
-                _fewer_divisions(n[3]))
-    a, b = _fewer_divisions(n[1]), _fewer_divisions(n[2])
+    a, b = n[1], n[2]
     if k == "div" and a[0] == "div":
         return _fewer_divisions(("div", a[1], ("mul", a[2], b)))
     if k == "mul" and a[0] == "div" and b[0] == "div":
         return ("div", ("mul", a[1], b[1]), ("mul", a[2], b[2]))
     if k == "div" and b[0] in ("add", "sub") and b[2][0] == "div":
-        (c, d) = b[2][1], b[2][2]
+        c, d = b[2][1], b[2][2]
         return ("div", ("mul", a, d), (b[0], ("mul", b[1], d), c))
-    return (k, a, b)
+    return n
 
 
 def _c(tree: tuple, params: frozenset = frozenset()) -> str:
