@@ -173,6 +173,10 @@ extern "C" __global__ void tissue_track(twin_idx n, const unsigned char* mask, c
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+/* Threads only for grids big enough to pay for a parallel region (~1-10 us each, three per step):
+ * a small sheet or a test slab runs on one thread, and is not held up at every barrier by a
+ * thread waiting for a core that other work is using. */
+#define TISSUE_OMP(n_) ((n_) >= 32768)
 void tissue_cell(twin_idx n, const unsigned char* mask, real* Y, real* Vs, const real* p, const signed char* stim_id,
                  const real* stim_amp, real t, real dt, int vidx, const real* lut, real lut_v0, real lut_idv,
                  int lut_rows, int threads) {
@@ -182,7 +186,7 @@ void tissue_cell(twin_idx n, const unsigned char* mask, real* Y, real* Vs, const
          * tissue or the table's V range) get the exact scalar step */
         const twin_idx B = 512, nb = (n + B - 1) / B;
         twin_idx b;
-#pragma omp parallel for schedule(static) num_threads(threads)
+#pragma omp parallel for schedule(static) num_threads(threads) if (TISSUE_OMP(n))
         for (b = 0; b < nb; ++b) {
             const twin_idx c0 = b * B, c1 = c0 + B < n ? c0 + B : n;
             twin_idx cc;
@@ -195,16 +199,65 @@ void tissue_cell(twin_idx n, const unsigned char* mask, real* Y, real* Vs, const
         }
         return;
     }
-#pragma omp parallel for schedule(static) num_threads(threads)
+#pragma omp parallel for schedule(static) num_threads(threads) if (TISSUE_OMP(n))
     for (c = 0; c < n; ++c)
         tissue_cell_one(c, n, mask, Y, Vs, p, stim_id, stim_amp, t, dt, vidx, lut, lut_v0, lut_idv, lut_rows);
+}
+
+/* The 7-point operator along one z-row of interior voxels as an `omp simd` loop: tissue_lap7_one
+ * with its branches written as selects (neighbour loads are always in the padded slab), the same
+ * operations in the same order, so the same bits. */
+static void tissue_diffuse7_row(twin_idx c0, int len, twin_idx sx, twin_idx sy, const unsigned char* mask,
+                                const real* V, real* Vout, const real* Dxx, const real* Dyy, const real* Dzz,
+                                real hx, real hy, real hz, real dt) {
+    int q;
+#pragma omp simd
+    for (q = 0; q < len; ++q) {
+        const twin_idx c = c0 + q;
+        const real vc = V[c];
+        real lap = 0;
+#define TWIN_AXIS_V(S, D, H)                                                                     \
+    {                                                                                            \
+        const int ip = mask[c + (S)] != 0, im = mask[c - (S)] != 0;                              \
+        const real fp = (D[c] + D[c + (S)]) * (V[c + (S)] - vc);                                 \
+        const real fm = (D[c] + D[c - (S)]) * (vc - V[c - (S)]);                                 \
+        const real Fp0 = ip ? fp : 0, Fm0 = im ? fm : 0;                                          \
+        const real Fm = (ip & !im) ? -Fp0 : Fm0;                                                  \
+        const real Fp = (im & !ip) ? -Fm0 : Fp0;                                                  \
+        lap += (Fp - Fm) * (0.5 / ((H) * (H)));                                                  \
+    }
+        TWIN_AXIS_V(sx, Dxx, hx)
+        TWIN_AXIS_V(sy, Dyy, hy)
+        TWIN_AXIS_V(1, Dzz, hz)
+#undef TWIN_AXIS_V
+        Vout[c] = mask[c] ? vc + dt * lap : vc;
+    }
 }
 
 void tissue_diffuse(int nx, int ny, int nz, const unsigned char* mask, const real* V, real* Vout, const real* Dxx,
                     const real* Dyy, const real* Dzz, const real* Dxy, const real* Dxz, const real* Dyz, real hx,
                     real hy, real hz, real dt, int cross, int threads) {
+    const twin_idx n = (twin_idx)nx * ny * nz;
     int i;
-#pragma omp parallel for schedule(static) num_threads(threads)
+    if (!cross) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (TISSUE_OMP(n))
+        for (i = 0; i < nx; ++i) {
+            int j;
+            for (j = 0; j < ny; ++j) {
+                const twin_idx r = IDX(i, j, 0);
+                if (i < 1 || i > nx - 2 || j < 1 || j > ny - 2 || nz < 3) {
+                    int k;
+                    for (k = 0; k < nz; ++k) Vout[r + k] = V[r + k];
+                    continue;
+                }
+                Vout[r] = V[r];
+                Vout[r + nz - 1] = V[r + nz - 1];
+                tissue_diffuse7_row(r + 1, nz - 2, (twin_idx)ny * nz, nz, mask, V, Vout, Dxx, Dyy, Dzz, hx, hy, hz, dt);
+            }
+        }
+        return;
+    }
+#pragma omp parallel for schedule(static) num_threads(threads) if (TISSUE_OMP(n))
     for (i = 0; i < nx; ++i) {
         int j, k;
         for (j = 0; j < ny; ++j)
@@ -225,7 +278,7 @@ void tissue_diffuse(int nx, int ny, int nz, const unsigned char* mask, const rea
 void tissue_track(twin_idx n, const unsigned char* mask, const real* V, real* Vprev, real* act_first, real* act_last,
                   real* repol, real* apd, int* n_act, real t0, real dt, real thr_act, real thr_rep, int threads) {
     twin_idx c;
-#pragma omp parallel for schedule(static) num_threads(threads)
+#pragma omp parallel for schedule(static) num_threads(threads) if (TISSUE_OMP(n))
     for (c = 0; c < n; ++c)
         tissue_track_one(c, mask, V, Vprev, act_first, act_last, repol, apd, n_act, t0, dt, thr_act, thr_rep);
 }
