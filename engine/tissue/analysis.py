@@ -14,6 +14,17 @@ def total_activation_time(act: np.ndarray, mask: np.ndarray) -> float:
     return float(np.max(a) - np.min(a)) if a.size and not np.isnan(a).any() else float("nan")
 
 
+def reentry(n_activations: np.ndarray, mask: np.ndarray, pulses: int) -> bool:
+    """Re-entry: some tissue voxel activated more often than the stimuli pulsed.
+
+    Without re-entry every pulse starts at most one wave, and a wave crosses each voxel at most once
+    (a voxel it has excited is refractory behind it; colliding waves annihilate), so a voxel's
+    activation count never exceeds the number of pulses. A wave that comes back to tissue it has
+    already excited (a rotor, a circuit round a lesion) adds activations without pulses."""
+    n = n_activations[mask]
+    return bool(n.size and int(n.max()) > int(pulses))
+
+
 def conduction_velocity(act: np.ndarray, mask: np.ndarray, dx: float) -> float:
     """Median of 1/|grad t_act| (mm/ms) over tissue voxels whose 6 neighbours are all activated tissue.
 

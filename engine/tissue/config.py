@@ -14,6 +14,7 @@ from engine.config import Name, NonNeg, Pos, SlurmSection, Strict
 
 Vec3 = Annotated[list[float], Field(min_length=3, max_length=3)]
 PosVec3 = Annotated[list[Annotated[float, Field(gt=0)]], Field(min_length=3, max_length=3)]
+NonNegVec3 = Annotated[list[Annotated[float, Field(ge=0)]], Field(min_length=3, max_length=3)]
 
 
 class TissueJobSection(Strict):
@@ -28,15 +29,20 @@ class CellSection(Strict):
 
 
 class GeometrySection(Strict):
-    """A box of `size_mm`, or a 3-D boolean voxel array (.npy, True = tissue) with spacing dx."""
+    """A box of `size_mm`, or a voxel image (engine/tissue/images.py: .npy/.npz, NIfTI .nii/.nii.gz,
+    NRRD .nrrd): a boolean/0-1 mask, or a label map with `labels` naming the tissue labels."""
 
-    size_mm: PosVec3 | None = None
+    size_mm: NonNegVec3 | None = None  # 0 on an axis: one node thick (a sheet or a cable)
     file: str | None = None
+    labels: Annotated[list[int], Field(min_length=1)] | None = None  # label-map values that are tissue
 
     @model_validator(mode="after")
     def _one(self):
         if (self.size_mm is None) == (self.file is None):
-            raise ValueError("give exactly one of size_mm (a box) or file (a .npy boolean voxel array)")
+            raise ValueError("give exactly one of size_mm (a box) or file (a voxel image: .npy, .npz, .nii, "
+                             ".nii.gz, .nrrd)")
+        if self.labels is not None and self.file is None:
+            raise ValueError("labels choose tissue in a label-map file: give file too")
         return self
 
 
@@ -65,7 +71,7 @@ class ConductivitySection(Strict):
 
 class FibreSection(Strict):
     direction: Vec3 | None = None  # uniform fibre direction
-    file: str | None = None  # .npy [3, NX, NY, NZ] per-voxel fibre vectors
+    file: str | None = None  # per-voxel fibre vectors: .npy/.npz [3, NX, NY, NZ]; NIfTI/NRRD 3-component images
 
     @model_validator(mode="after")
     def _one(self):
@@ -137,6 +143,9 @@ class PlanningSection(Strict):
     pulse_start: NonNeg = 0.0
     pulse_duration: Pos = 2.0
     pulse_current: Pos = 50.0
+    # pacing candidates add their pulse to the job's stimuli instead of replacing them (an S2 after
+    # the job's S1: e.g. an S1-S2 protocol that tests which site induces re-entry)
+    keep_stimuli: bool = False
 
     @model_validator(mode="after")
     def _names(self):
@@ -166,6 +175,9 @@ class TissueSection(Strict):
     lookup_tables: bool = True
     outputs: TissueOutputs = TissueOutputs()
     planning: PlanningSection | None = None
+    # wall-clock seconds between checkpoints of the full state in RUN_DIR/checkpoint (0: at every
+    # trace sample); a killed `twin run` resumes from the last one (engine/tissue/checkpoint.py)
+    checkpoint_every_s: NonNeg = 300.0
 
     @model_validator(mode="after")
     def _times(self):

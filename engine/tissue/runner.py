@@ -10,10 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.errors import EXIT_OK, StoreError
-from engine.parallel import SerialComm
+from engine.errors import EXIT_INTERRUPTED, EXIT_OK, Interrupted, StoreError, TwinError
+from engine.parallel import SerialComm, lor
 
-from .analysis import conduction_velocity, total_activation_time
+from .analysis import conduction_velocity, reentry, total_activation_time
+from .checkpoint import Checkpoints, fingerprint
 from .setup import Plan, make_plan, region_mask, stimuli
 from .simulate import simulate
 
@@ -34,23 +35,39 @@ def _backend(loaded, comm):
     return be, xp, tissue_kernels
 
 
-def _sim(plan: Plan, ts, kernels, xp, comm, stims=None, geom=None, electrodes=True, points=True, progress=None):
+def _sim(plan: Plan, ts, kernels, xp, comm, stims=None, geom=None, electrodes=True, points=True, progress=None,
+         checkpoints=None):
     o = ts.outputs
     return simulate(geom or plan.geom, plan.model, plan.params, kernels, stims if stims is not None else plan.stimuli,
                     ts.dt, ts.end_time, ts.diffusion_substeps, comm, plan.points if points else {}, o.trace_every,
                     o.electrodes if electrodes else (), ts.conductivity.chi, ts.conductivity.cm, o.sigma_bath,
                     ts.activation_threshold, ts.repolarisation_threshold, ts.stop_after_activation, xp,
-                    progress)
+                    progress, checkpoints)
+
+
+def _on_rank0(comm, fn):
+    """Run fn on rank 0; a user error there is raised on every rank (no rank left waiting)."""
+    err = None
+    if comm.rank == 0:
+        try:
+            fn()
+        except TwinError as e:
+            err = (type(e), str(e))
+    err = comm.bcast(err, root=0)
+    if err:
+        raise err[0](err[1])
 
 
 def run_tissue(loaded, out_dir: Path, comm=None, quiet: bool = False) -> int:
+    """Run (or resume from RUN_DIR/checkpoint) a tissue job on every rank of `comm`; exit code."""
     from engine.provenance import collect, utc_now
+    from engine.runner import StopFlag
+    from engine.store import RunLock
 
     comm = comm or SerialComm()
     out_dir = Path(out_dir)
     master = out_dir / MASTER
-    if comm.rank == 0:
-        _check_existing(master, loaded)
+    _on_rank0(comm, lambda: _check_existing(master, loaded))
     done = comm.bcast(master.exists(), root=0)
     if done:
         if comm.rank == 0 and not quiet:
@@ -58,35 +75,55 @@ def run_tissue(loaded, out_dir: Path, comm=None, quiet: bool = False) -> int:
         return EXIT_OK
     plan = make_plan(loaded)
     ts = loaded.job.tissue
-    be, xp, build = _backend(loaded, comm)
-    kernels = build(plan.model, be.name, ts.lookup_tables)
-    prov = collect(loaded.text, loaded.sha256, be.name, be.device, comm.size, 0)
+    lock = RunLock(out_dir) if comm.rank == 0 else None
+    _on_rank0(comm, lambda: lock.acquire())
+    try:
+        stop = StopFlag()
+        stop.install()
+        ck = Checkpoints(out_dir, fingerprint(loaded), ts.checkpoint_every_s, comm, stop)
+        _on_rank0(comm, ck.check)
+        be, xp, build = _backend(loaded, comm)
+        kernels = build(plan.model, be.name, ts.lookup_tables)
+        prov = collect(loaded.text, loaded.sha256, be.name, be.device, comm.size, 0)
 
-    def progress(t, end):
-        if comm.rank == 0 and not quiet:
-            sys.stderr.write(f"\rtissue: t = {t:8.2f} / {end:g} ms")
-            sys.stderr.flush()
+        def progress(t, end):
+            if comm.rank == 0 and not quiet:
+                sys.stderr.write(f"\rtissue: t = {t:8.2f} / {end:g} ms")
+                sys.stderr.flush()
 
-    if ts.planning is None:
-        res = _sim(plan, ts, kernels, xp, comm, progress=progress)
+        try:
+            if ts.planning is None:
+                res = _sim(plan, ts, kernels, xp, comm, progress=progress, checkpoints=ck)
+            else:
+                rows = _planning(loaded, plan, ts, kernels, xp, comm, ck, stop)
+        except Interrupted:
+            if comm.rank == 0:
+                print(f"\ntwin: interrupted; checkpoint saved in {ck.dir}: rerun the same command to resume "
+                      f"(exit {EXIT_INTERRUPTED})", file=sys.stderr, flush=True)
+            return EXIT_INTERRUPTED
         if comm.rank == 0:
-            if not quiet:
-                sys.stderr.write("\n")
             prov["end_time"] = utc_now()
-            _write(master, loaded, plan, res, prov)
-            if not quiet:
-                _summary(master, res, plan)
-    else:
-        rows = _planning(loaded, plan, ts, kernels, xp, comm)
-        if comm.rank == 0:
-            prov["end_time"] = utc_now()
-            _write_planning(master, loaded, plan, rows, prov)
-            if not quiet:
-                for r in rows:
-                    print(f"  #{r['rank']} {r['name']:<16} {r['kind']:<8} total activation time "
-                          f"{r['total_activation_time']:.2f} ms, activated {100 * r['activated_fraction']:.1f} %, "
-                          f"re-entry {'yes' if r['reentry'] else 'no'}")
-    return EXIT_OK
+            if ts.planning is None:
+                if not quiet:
+                    sys.stderr.write("\n")
+                    if ck.resumed_at is not None:
+                        print(f"resumed from the checkpoint at t = {ck.resumed_at:g} ms")
+                _write(master, loaded, plan, res, prov)
+                if not quiet:
+                    _summary(master, res, plan)
+            else:
+                _write_planning(master, loaded, plan, rows, prov)
+                if not quiet:
+                    for r in rows:
+                        print(f"  #{r['rank']} {r['name']:<16} {r['kind']:<8} total activation time "
+                              f"{r['total_activation_time']:.2f} ms, activated {100 * r['activated_fraction']:.1f} %, "
+                              f"re-entry {'yes' if r['reentry'] else 'no'}")
+        ck.clear()  # the result is written: its checkpoints are no longer needed
+        comm.barrier()
+        return EXIT_OK
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _check_existing(master: Path, loaded) -> None:
@@ -139,7 +176,9 @@ def _write(master: Path, loaded, plan: Plan, res, prov: dict) -> None:
     cv = conduction_velocity(m.activation, plan.geom.mask, plan.geom.dx)
     stats = {**res.stats, "t_end": res.t_end, "dt_limit": plan.dt_limit,
              "total_activation_time": total_activation_time(m.activation, plan.geom.mask),
-             "median_cv_mm_per_ms": cv}
+             "median_cv_mm_per_ms": cv,
+             "max_activations": int(m.n_activations[plan.geom.mask].max()),
+             "reentry": reentry(m.n_activations, plan.geom.mask, sum(s.count for s in plan.stimuli))}
     ds.attrs.update({k: v for k, v in prov.items()})
     ds.attrs.update({"kind": "tissue", "job_name": loaded.job.job.name, "stats": json.dumps(stats)})
     _save(ds, master)
@@ -160,43 +199,61 @@ def _summary(master: Path, res, plan: Plan) -> None:
 
 
 # ------------------------------------------------------------------------------------ planning
-def _planning(loaded, plan: Plan, ts, kernels, xp, comm) -> list[dict]:
-    """Each rank simulates whole candidates (round-robin by index); rank 0 ranks them."""
+def _candidate(i: int, c, plan: Plan, ts, kernels, xp) -> dict:
+    """Simulate one candidate intervention on one rank; its result row."""
     from dataclasses import replace
 
     pl = ts.planning
-    mine = []
-    for i, c in enumerate(pl.candidates):
-        if i % comm.size != comm.rank:
-            continue
-        geom, stims = plan.geom, plan.stimuli
-        if c.kind == "ablation":
-            lesion = region_mask(c.region, geom.shape, geom.dx)
-            geom = replace(geom, mask=geom.mask & ~lesion)
-            stims = [replace(s, region=s.region & geom.mask) for s in stims]
-            stims = [s for s in stims if s.region.any()]
-        else:
-            from .config import StimulusSection
+    geom, stims = plan.geom, plan.stimuli
+    if c.kind == "ablation":
+        lesion = region_mask(c.region, geom.shape, geom.dx)
+        geom = replace(geom, mask=geom.mask & ~lesion)
+        stims = [replace(s, region=s.region & geom.mask) for s in stims]
+        stims = [s for s in stims if s.region.any()]
+    else:
+        from .config import StimulusSection
 
-            spec = StimulusSection(**c.region.model_dump(), start=pl.pulse_start, duration=pl.pulse_duration,
-                                   current=pl.pulse_current)
-            stims = stimuli(ts, geom, plan.model, plan.params, [spec], key=f"tissue.planning.candidates[{i}].region")
-        if not stims:
-            row = {"name": c.name, "kind": c.kind, "total_activation_time": np.nan, "activated_fraction": 0.0,
-                   "reentry": False, "max_activations": 0}
-        else:
-            r = _sim(plan, ts, kernels, xp, SerialComm(), stims=stims, geom=geom, electrodes=False, points=False)
-            a = r.maps.activation[geom.mask]
-            row = {"name": c.name, "kind": c.kind, "total_activation_time": total_activation_time(r.maps.activation, geom.mask),
-                   "activated_fraction": float(np.mean(~np.isnan(a))),
-                   # re-entry: a voxel activates more often than the stimuli pulsed
-                   "max_activations": int(r.maps.n_activations[geom.mask].max()),
-                   "reentry": bool(r.maps.n_activations[geom.mask].max() > max(s.count for s in stims))}
+        spec = StimulusSection(**c.region.model_dump(), start=pl.pulse_start, duration=pl.pulse_duration,
+                               current=pl.pulse_current)
+        pulse = stimuli(ts, geom, plan.model, plan.params, [spec], key=f"tissue.planning.candidates[{i}].region")
+        stims = (list(stims) if pl.keep_stimuli else []) + pulse
+    if not stims:
+        return {"name": c.name, "kind": c.kind, "total_activation_time": np.nan, "activated_fraction": 0.0,
+                "reentry": False, "max_activations": 0, "pulses": 0}
+    r = _sim(plan, ts, kernels, xp, SerialComm(), stims=stims, geom=geom, electrodes=False, points=False)
+    a = r.maps.activation[geom.mask]
+    pulses = sum(s.count for s in stims)
+    return {"name": c.name, "kind": c.kind,
+            "total_activation_time": total_activation_time(r.maps.activation, geom.mask),
+            "activated_fraction": float(np.mean(~np.isnan(a))),
+            "max_activations": int(r.maps.n_activations[geom.mask].max()), "pulses": int(pulses),
+            "reentry": reentry(r.maps.n_activations, geom.mask, pulses)}
+
+
+def _planning(loaded, plan: Plan, ts, kernels, xp, comm, ck, stop) -> list[dict]:
+    """Each rank simulates whole candidates (round-robin over those not finished before); each
+    finished candidate is checkpointed at once; rank 0 ranks them all."""
+    pl = ts.planning
+    done = ck.done_candidates()
+    todo = [i for i in range(len(pl.candidates)) if i not in done]
+    mine, interrupted = [], False
+    for k, i in enumerate(todo):
+        if k % comm.size != comm.rank:
+            continue
+        if stop():
+            interrupted = True
+            break
+        row = _candidate(i, pl.candidates[i], plan, ts, kernels, xp)
+        ck.save_candidate(i, row)
         mine.append((i, row))
+    if lor(comm, interrupted):
+        raise Interrupted()
     allrows = comm.gather(mine, root=0)
     if comm.rank != 0:
         return []
-    rows = [r for _, r in sorted((x for part in allrows for x in part), key=lambda t: t[0])]
+    got = dict(done)
+    got.update({i: r for part in allrows for i, r in part})
+    rows = [got[i] for i in range(len(pl.candidates))]
     if pl.objective == "total_activation_time":
         key = lambda r: (r["activated_fraction"] < 1.0, r["total_activation_time"])  # noqa: E731
     else:
@@ -215,7 +272,10 @@ def _write_planning(master: Path, loaded, plan: Plan, rows: list[dict], prov: di
          "total_activation_time": (("candidate",), np.array([r["total_activation_time"] for r in rows]), {"units": "ms"}),
          "activated_fraction": (("candidate",), np.array([r["activated_fraction"] for r in rows])),
          "reentry": (("candidate",), np.array([r["reentry"] for r in rows], np.int8)),
-         "max_activations": (("candidate",), np.array([r["max_activations"] for r in rows], np.int32))},
+         "max_activations": (("candidate",), np.array([r["max_activations"] for r in rows], np.int32),
+                             {"description": "most activations of any tissue voxel"}),
+         "pulses": (("candidate",), np.array([r["pulses"] for r in rows], np.int32),
+                    {"description": "stimulus pulses the candidate's protocol delivers"})},
         coords={"candidate": ("candidate", [r["name"] for r in rows])})
     ds.attrs.update(prov)
     ds.attrs.update({"kind": "tissue_planning", "job_name": loaded.job.job.name,

@@ -10,6 +10,7 @@ import numpy as np
 
 from engine.errors import JobError
 
+from . import images
 from .config import Region, StimulusSection, TissueSection
 from .geometry import (Geometry, box_region, box_shape, diffusivity, harmonic_mean, max_stable_dt, node_of,
                        sphere_region, uniform_fibres)
@@ -53,16 +54,7 @@ def geometry(loaded, ts: TissueSection) -> Geometry:
             raise JobError(f"key 'tissue.geometry.size_mm' = {g.size_mm}: {e}") from None
         mask = np.ones(shape, bool)
     else:
-        p = loaded.resolve(g.file)
-        try:
-            mask = np.load(p, allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise JobError(f"key 'tissue.geometry.file' = {g.file!r}: cannot read a .npy array ({e})") from None
-        if mask.ndim != 3 or mask.dtype != bool:
-            raise JobError(f"key 'tissue.geometry.file' = {g.file!r}: need a 3-D boolean array, got "
-                           f"{mask.ndim}-D {mask.dtype}")
-        if not mask.any():
-            raise JobError(f"key 'tissue.geometry.file' = {g.file!r}: the mask has no tissue voxel")
+        mask = _mask_file(loaded, ts)
         shape = mask.shape
     if c.sigma_long is not None:
         sl, st = c.sigma_long, c.sigma_trans
@@ -72,17 +64,44 @@ def geometry(loaded, ts: TissueSection) -> Geometry:
     if f.direction is not None:
         fib = uniform_fibres(shape, f.direction)
     else:
-        try:
-            fib = np.load(loaded.resolve(f.file), allow_pickle=False).astype(float)
-        except (OSError, ValueError) as e:
-            raise JobError(f"key 'tissue.fibres.file' = {f.file!r}: cannot read a .npy array ({e})") from None
-        if fib.shape != (3, *shape):
-            raise JobError(f"key 'tissue.fibres.file' = {f.file!r}: shape {fib.shape}, need {(3, *shape)}")
-        n = np.linalg.norm(fib, axis=0)
-        if np.any(n[mask] == 0) or not np.all(np.isfinite(fib)):
-            raise JobError(f"key 'tissue.fibres.file' = {f.file!r}: zero or non-finite fibre vectors in tissue")
-        fib = fib / np.where(n == 0, 1, n)
+        fib = _fibre_file(loaded, ts, shape, mask)
     return Geometry(mask, fib, ts.dx, diffusivity(sl, c.chi, c.cm), diffusivity(st, c.chi, c.cm))
+
+
+def _mask_file(loaded, ts: TissueSection) -> np.ndarray:
+    g = ts.geometry
+    key = f"key 'tissue.geometry.file' = {g.file!r}"
+    try:
+        vol = images.read(loaded.resolve(g.file), vector=False, npz_keys=("mask", "labels"))
+        images.check_spacing(vol, ts.dx)
+        if vol.data.ndim != 3:
+            raise images.ImageError(f"need a 3-D array, got {vol.data.ndim}-D shape {vol.data.shape}")
+        mask = images.tissue_mask(vol.data, g.labels)
+    except images.ImageError as e:
+        raise JobError(f"{key}: {e}") from None
+    if not mask.any():
+        raise JobError(f"{key}: the mask has no tissue voxel")
+    return np.ascontiguousarray(mask)
+
+
+def _fibre_file(loaded, ts: TissueSection, shape, mask) -> np.ndarray:
+    f = ts.fibres
+    key = f"key 'tissue.fibres.file' = {f.file!r}"
+    try:
+        vol = images.read(loaded.resolve(f.file), vector=True, npz_keys=("fibres", "fibers"))
+        images.check_spacing(vol, ts.dx)
+    except images.ImageError as e:
+        raise JobError(f"{key}: {e}") from None
+    # NumPy arrays are [3, NX, NY, NZ]; image readers return components last
+    numpy_file = images.suffix(Path(f.file)) in (".npy", ".npz")
+    fib = (vol.data if numpy_file else np.moveaxis(vol.data, -1, 0)).astype(float)
+    if fib.shape != (3, *shape):
+        raise JobError(f"{key}: shape {fib.shape} (components first), need {(3, *shape)} like the geometry")
+    fib = np.where(mask[None], fib, 0.0)  # outside the tissue vectors are unused (may be 0 or NaN)
+    n = np.linalg.norm(fib, axis=0)
+    if np.any(n[mask] == 0) or not np.all(np.isfinite(fib)):
+        raise JobError(f"{key}: zero or non-finite fibre vectors in tissue")
+    return np.ascontiguousarray(fib / np.where(n == 0, 1, n))
 
 
 def region_mask(r: Region, shape, dx: float) -> np.ndarray:

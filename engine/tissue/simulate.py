@@ -6,11 +6,28 @@ import time
 
 import numpy as np
 
-from engine.errors import TwinError
+from engine.errors import Interrupted, TwinError
 from engine.parallel import SerialComm, lor
 
 from .geometry import Geometry
 from .solver import Stimulus, TissueResult, TissueSolver
+
+
+def combine(comm, tr: list, ecg: list, n_times: int):
+    """Rank 0: traces [points, T] and pseudo-ECG [electrodes, T] (or None) from every rank's samples.
+    Every rank holds NaN for points it does not own, so the max over ranks picks the owner's value;
+    the ECG is the sum of the ranks' partial lead-field sums."""
+    tr_a = np.asarray(tr, float).T if tr and len(tr[0]) else np.zeros((0, n_times))
+    parts = comm.gather(tr_a, root=0)
+    ecg_a = np.asarray(ecg, float).T if ecg else np.zeros((0, n_times))
+    eparts = comm.gather(ecg_a, root=0)
+    if comm.rank != 0:
+        return None, None
+    st = np.stack(parts)  # [ranks, points, T]
+    traces = np.where(np.isnan(st), -np.inf, st).max(axis=0) if st.size else st.reshape(0, n_times)
+    traces[np.isinf(traces)] = np.nan
+    e_sum = np.sum(np.stack(eparts), axis=0) if eparts[0].size else None
+    return traces, e_sum
 
 
 class Diverged(TwinError):
@@ -44,7 +61,9 @@ def simulate(geom: Geometry, model, params, kernels, stimuli: list[Stimulus], dt
              substeps: int = 1, comm=None, points: dict | None = None, trace_every: float = 1.0,
              electrodes=(), chi: float = 140.0, cm: float = 0.01, sigma_bath: float = 0.2,
              thr_act: float = 0.0, thr_rep: float = -70.0, stop_after_activation: float | None = None,
-             xp=np, progress=None) -> TissueResult:
+             xp=np, progress=None, checkpoints=None) -> TissueResult:
+    """`checkpoints` (engine/tissue/checkpoint.Checkpoints): resume from its state if it has one, and
+    save the state whenever it says one is due (at trace samples); Interrupted after a stop signal."""
     comm = comm or SerialComm()
     s = TissueSolver(geom, model, params, kernels, stimuli, dt, substeps, comm, thr_act, thr_rep, xp)
     n_steps = int(round(end_time / dt))
@@ -74,8 +93,13 @@ def simulate(geom: Geometry, model, params, kernels, stimuli: list[Stimulus], dt
         return True
 
     t0 = time.perf_counter()
-    ok = sample()
     all_act_at = None
+    resumed = checkpoints.load(s) if checkpoints is not None else None
+    if resumed is not None:
+        times, tr, ecg, all_act_at = resumed
+    else:
+        sample()
+    steps0 = s.steps
     while s.steps < n_steps:
         s.step()
         if s.steps % every == 0 or s.steps == n_steps:
@@ -92,21 +116,18 @@ def simulate(geom: Geometry, model, params, kernels, stimuli: list[Stimulus], dt
                     all_act_at = s.t
                 if all_act_at is not None and s.t >= all_act_at + stop_after_activation:
                     break
+            if checkpoints is not None and s.steps < n_steps and checkpoints.due():
+                checkpoints.save(s, times, tr, ecg, all_act_at)
+                if checkpoints.stopping:
+                    raise Interrupted()
     wall = time.perf_counter() - t0
-    # every rank holds NaN for points it does not own: the max over ranks picks the owner's value
-    tr_a = np.asarray(tr, float).T if tr and local else np.zeros((0, len(times)))
-    parts = comm.gather(tr_a, root=0)
-    ecg_a = np.asarray(ecg, float).T if ecg else np.zeros((0, len(times)))
-    eparts = comm.gather(ecg_a, root=0)
+    traces, e_sum = combine(comm, tr, ecg, len(times))
     maps = s.maps()
-    traces = e_sum = None
-    if comm.rank == 0:
-        st = np.stack(parts)  # [ranks, points, T]
-        traces = np.where(np.isnan(st), -np.inf, st).max(axis=0) if st.size else st.reshape(0, len(times))
-        traces[np.isinf(traces)] = np.nan
-        e_sum = np.sum(np.stack(eparts), axis=0) if eparts[0].size else None
     n_tissue = int(geom.mask.sum())
+    done = s.steps - steps0  # steps computed by this process (a resumed run did the others before)
     stats = {"steps": s.steps, "wall_s": wall, "tissue_voxels": n_tissue,
-             "node_updates_per_s": n_tissue * s.steps / wall if wall > 0 else float("nan"),
-             "ms_per_step": 1e3 * wall / max(s.steps, 1), "ranks": comm.size}
+             "node_updates_per_s": n_tissue * done / wall if wall > 0 else float("nan"),
+             "ms_per_step": 1e3 * wall / max(done, 1), "ranks": comm.size}
+    if checkpoints is not None and checkpoints.resumed_at is not None:
+        stats["resumed_at_ms"] = checkpoints.resumed_at
     return TissueResult(s.t, s.steps, maps, np.asarray(times), traces, e_sum, wall, stats)

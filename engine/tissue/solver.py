@@ -105,12 +105,29 @@ class TissueSolver:
         self.D6 = [xp.asarray(pad(d.astype(float)).reshape(-1)) for d in geom.tensor()]
         self.cross = geom.has_cross()
         self.h3 = (geom.dx,) * 3
-        sid = np.full(self.shape, -1, np.int8)
-        if len(stimuli) > 127:
-            raise ValueError("at most 127 stimuli")
+        # the kernels take one stimulus id per voxel: voxels in several overlapping regions get the id
+        # of their combination, whose current is the sum of the members' active currents
+        n_st = len(stimuli)
+        member = np.zeros((n_st, int(np.prod(geom.shape))), bool)
         for i, st in enumerate(stimuli):
-            sid[pad(st.region.astype(np.uint8)).astype(bool)] = i  # later stimuli win where regions overlap
-        self.stim_id = xp.asarray(sid.reshape(-1))
+            member[i] = st.region.reshape(-1)
+        if n_st <= 62:  # a voxel's set of stimuli as the bits of one integer
+            key = np.zeros(member.shape[1], np.int64)
+            for i in range(n_st):
+                key |= member[i].astype(np.int64) << i
+            keys, inv = np.unique(key, return_inverse=True)
+            combos = ((keys[:, None] >> np.arange(n_st)) & 1).astype(bool)
+        else:
+            combos, inv = np.unique(member.T, axis=0, return_inverse=True)
+        inv = np.asarray(inv).reshape(-1)
+        keep = [c for c in range(len(combos)) if combos[c].any()]
+        if len(keep) > 127:
+            raise ValueError(f"{len(keep)} distinct combinations of overlapping stimulus regions; at most 127")
+        remap = np.full(len(combos), -1, np.int8)
+        remap[keep] = np.arange(len(keep))
+        cid = remap[inv].reshape(geom.shape)
+        self.combos = combos[keep].reshape(len(keep), n_st)
+        self.stim_id = xp.asarray(pad(cid, -1).reshape(-1))
         self.stimuli = stimuli
         self.p = xp.asarray(np.ascontiguousarray(params, float))
         names = model.state_names
@@ -154,7 +171,8 @@ class TissueSolver:
     # ---------------------------------------------------------------- one step
     def step(self) -> None:
         xp, k = self.xp, self.k
-        amp = np.array([st.amplitude if st.active(self.t, self.dt) else 0.0 for st in self.stimuli] or [0.0])
+        a = np.array([st.amplitude if st.active(self.t, self.dt) else 0.0 for st in self.stimuli])
+        amp = np.array([float(np.sum(a[c])) for c in self.combos] or [0.0])  # in member order, as before
         V = self.Y[self.vidx]
         k.cell(self.mask, self.Y, self.Vs, self.p, self.stim_id, xp.asarray(amp), self.t, self.dt, self.vidx)
         h = self.dt / self.substeps
