@@ -1,6 +1,6 @@
 """Time per step and node-updates/s of the monodomain kernels, against the machine's floors.
 
-    OMP_NUM_THREADS=1 python benchmarks/tissue_perf.py [--dx 0.1] [--threads 1 2] [--backend cpu]
+    OMP_NUM_THREADS=1 python benchmarks/tissue_perf.py [--dx 0.1] [--steps 20] [--out FILE]
 
 Runs the three kernels of one step (cell, diffusion, tracking) on the Niederer slab at `dx` (the
 TP06 epi cell model, fibres along x: no cross terms) from a state mid-upstroke, and reports per

@@ -54,7 +54,7 @@ def test_floors_positive(smoke):
 
 def test_kernel_rows(smoke):
     rows = smoke[1]["kernels"]
-    ours = [r for r in rows if r.get("ours")]
+    ours = [r for r in rows if r.get("ours") and r["family"] == "patients"]
     assert ours, "no row for our kernel"
     for r in ours:
         assert r["unit"] == "patients/s"
@@ -65,6 +65,18 @@ def test_kernel_rows(smoke):
     scipy = [r for r in rows if r["peer"].startswith("SciPy")]
     assert scipy and scipy[0]["status"] == "ok" and _pos(scipy[0]["throughput"])
     assert scipy[0]["max_rel_diff"] < 1e-5  # the peer answered the same question
+    # node-updates: the monodomain step on the Niederer slab, ours with tables, exact formulas, NumPy
+    tis = [r for r in rows if r["family"] == "node-updates"]
+    assert [r.get("ours", False) for r in tis] == [True, False, False], [r["peer"] for r in tis]
+    for r in tis:
+        assert r["status"] == "ok" and r["unit"] == "node-updates/s", r
+        for k in ("throughput", "wall_s", "gflops", "fraction_of_floor", "x_bandwidth_floor", "ms_per_step"):
+            assert _pos(r[k]), (r["peer"], k)
+        assert r["bytes_per_node"] == 408  # TP06: 19 states in and out, mask, stimulus id, diffusion, tracking
+    # 2 steps from the same mid-stimulus state: the lookup-table step differs from the exact formulas by the
+    # table's linear-interpolation error (~1e-7 of a step's change; tests/test_tissue_tables.py)
+    assert tis[2]["max_rel_diff"] < 1e-8
+    assert "monodomain:" in smoke[2] and "bandwidth floor" in smoke[2]
     # families not built yet: present, with no numbers
     from engine.bench.cases import kernel_cases
 

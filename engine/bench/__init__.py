@@ -31,7 +31,8 @@ SCHEMA = "twin-bench/1"
 SIZES = {
     "smoke": {
         "floor": {"seconds": 0.02, "mem_mib": 16, "blas_n": 256},
-        "kernels": {"reps": 1, "only": ["pk"],
+        "kernels": {"reps": 1, "only": ["pk", "monodomain"],
+                    "tissue": {"dx": 0.5, "steps": 8, "numpy_steps": 2, "warmup": 100},
                     "pk": {"ours": 200, "numpy": 10, "scipy": 2, "diffrax": 10}},
         "e2e": {"n": 1000, "chunk": 250, "count": 20},
         "scaling": {"ranks": [1, 2], "strong_n": 1000, "weak_per_rank": 500, "chunk": 250, "reps": 1},
@@ -45,6 +46,7 @@ SIZES = {
                     "pk": {"ours": 10_000, "numpy": 200, "scipy": 10, "diffrax": 1000},
                     "uva": {"ours": 1000, "numpy": 30, "scipy": 2, "diffrax": 100},
                     "cells": {"beats": 40, "cells": 8, "myokit_beats": 40},
+                    "tissue": {"dx": 0.2, "steps": 40, "numpy_steps": 2, "warmup": 200},
                     "ligands": {"exhaustiveness": 4}},
         "e2e": {"n": 20_000, "chunk": 1000, "count": 100},
         "scaling": {"ranks": [1, 2, 4], "strong_n": 32_000, "weak_per_rank": 16_000, "chunk": 1000, "reps": 1},
@@ -58,6 +60,7 @@ SIZES = {
                     "pk": {"ours": 100_000, "numpy": 1000, "scipy": 100, "diffrax": 10_000},
                     "uva": {"ours": 10_000, "numpy": 30, "scipy": 3, "diffrax": 1000},
                     "cells": {"beats": 200, "cells": 64, "myokit_beats": 200},
+                    "tissue": {"dx": 0.1, "steps": 100, "numpy_steps": 2, "warmup": 200},
                     "ligands": {"exhaustiveness": 8}},
         "e2e": {"n": 100_000, "chunk": 1000, "count": 500},
         "scaling": {"ranks": [1, 2, 4], "strong_n": 200_000, "weak_per_rank": 100_000, "chunk": 1000, "reps": 2},

@@ -1,9 +1,8 @@
 """Benchmark cases: one `Case` per workload, grouped by family (the unit of throughput).
 
 Families and their units: patients (patients/s), cell-beats (cell-beats/s), node-updates
-(node-updates/s), ligands (ligands/s). The patient, cell-beat and ligand families are built; the
-others are declared as cases without a runner, so the report prints "n/a (not built yet)" rows for them
-instead of numbers. A new family plugs in by adding a `Case` with a `run(ctx)` that returns rows
+(node-updates/s: the monodomain tissue solver), ligands (ligands/s). Cases declared without a runner
+print "n/a (not built yet)" rows instead of numbers. A new family plugs in by adding a `Case` with a `run(ctx)` that returns rows
 of the same schema (see `row()`): ours first, then each peer run in the same process.
 
 The patient-family kernel cases and their peers (SciPy solve_ivp loop, Diffrax, torchdiffeq) are
@@ -27,6 +26,8 @@ ROOT = Path(__file__).resolve().parents[2]
 ENSEMBLE = ROOT / "benchmarks" / "ensemble.py"
 CARDIAC = ROOT / "benchmarks" / "cardiac_cells.py"
 REDOCK = ROOT / "benchmarks" / "docking_redock.py"
+TISSUE_PERF = ROOT / "benchmarks" / "tissue_perf.py"
+NIEDERER_JOB = ROOT / "jobs" / "niederer_benchmark.toml"
 DOCK_DATA = ROOT / "tests" / "data" / "docking"
 
 FAMILIES = {"patients": "patients/s", "cell-beats": "cell-beats/s", "node-updates": "node-updates/s",
@@ -86,6 +87,11 @@ def _script(path: Path, name: str):
 def cardiac():
     """benchmarks/cardiac_cells.py (model set-up, solver specs)."""
     return _script(CARDIAC, "twin_benchmarks_cardiac")
+
+
+def tissue_perf():
+    """benchmarks/tissue_perf.py (bytes and counted flops per node of the tissue kernels)."""
+    return _script(TISSUE_PERF, "twin_benchmarks_tissue_perf")
 
 
 def redock():
@@ -310,6 +316,96 @@ def _ligand_case() -> Case:
     return c
 
 
+# ---------------------------------------------------------------- node-update family
+def _tissue_case() -> Case:
+    c = Case("node-updates", "monodomain", "Niederer 2011 slab, TP06 epi, dt 0.005 ms, full steps (cell + "
+             "diffusion + tracking) from mid-stimulus", peers=())
+
+    def run(ctx: Ctx) -> list[dict]:
+        tp = tissue_perf()
+        if tp is None or not NIEDERER_JOB.is_file():
+            return [na_row(c, "twin", "n/a", "benchmarks/tissue_perf.py or jobs/ not in this installation")]
+        from ..config import parse_job
+        from ..tissue.setup import make_plan
+        from ..tissue.solver import TissueSolver
+        from kernels.tissue.build import tissue_kernels
+
+        sz = ctx.sizes["kernels"]["tissue"]
+        dx, steps, n_ref = sz["dx"], sz["steps"], sz["numpy_steps"]
+        text = NIEDERER_JOB.read_text().replace("dx = 0.5", f"dx = {dx}").replace("dt = 0.05", "dt = 0.005")
+        plan = make_plan(parse_job(text, str(NIEDERER_JOB), NIEDERER_JOB))
+        m = plan.model
+        xp = np
+        if ctx.backend == "cuda":
+            import cupy as xp  # noqa: F811 - the backend's array module
+        vox = int(plan.geom.mask.sum())
+
+        def solver(backend, tables):
+            return TissueSolver(plan.geom, m, plan.params, tissue_kernels(m, backend, tables), plan.stimuli, 0.005,
+                                xp=xp if backend == ctx.backend else np)
+
+        s = solver(ctx.backend, True)
+        for _ in range(sz["warmup"]):  # into the stimulus: realistic gates, every voxel doing work
+            s.step()
+        host = lambda a: a.get() if hasattr(a, "get") else np.asarray(a)  # noqa: E731
+        Y0, Vp0, k0 = host(s.Y).copy(), host(s.Vprev).copy(), s.steps
+
+        def timed(sv, n):
+            sv.Y[...] = sv.xp.asarray(Y0)
+            sv.Vprev[...] = sv.xp.asarray(Vp0)
+            sv.steps, sv.t = k0, k0 * sv.dt
+            w, cpu = time.perf_counter(), time.process_time()
+            for _ in range(n):
+                sv.step()
+            if sv.xp is not np:
+                sv.xp.cuda.Device().synchronize()
+            return time.perf_counter() - w, time.process_time() - cpu, host(sv.Y[sv.vidx]).copy()
+
+        cnt = tp.counts(m, s.cross)
+        nbytes = sum(cnt[k]["bytes"] for k in ("cell_tables", "diffuse", "track"))
+        nflops = tp.table_flops(m) + cnt["diffuse"]["flops"] + cnt["track"]["flops"]
+        nflops_exact = sum(cnt[k]["flops"] for k in ("cell", "diffuse", "track"))
+        thr = {"cpu": ctx.threads, "numpy": 1}.get(ctx.backend)
+        label = f"twin {ctx.backend}" + (f" ({thr} thread{'s' if thr != 1 else ''})" if thr else "")
+        _, _, v_ours = timed(s, n_ref)
+        w, cpu, _ = timed(s, steps)
+        n = vox * steps
+        rows = []
+
+        def measured(lbl, n_, w_, cpu_, flops_, ours=False, **kw):
+            g = flops_ * n_ / w_ / 1e9
+            fr = fraction(g, flops_ / nbytes, ctx.floors, thr) if thr else {
+                "floor": "not measured for this device", "fraction_of_floor": None}
+            bw_floor = None
+            if ctx.floors and thr:
+                mem = ctx.floors["memory"]
+                bw = mem["copy_gbs"] if thr > 1 else mem["copy_1t_gbs"]
+                bw_floor = nbytes * n_ / (bw * 1e9)
+            rows.append(row(c, lbl, n_, w_, cpu_, ours=ours, gflops=g, flops_per_node=flops_, bytes_per_node=nbytes,
+                            arithmetic_intensity=flops_ / nbytes, ms_per_step=1e3 * w_ * vox / n_,
+                            x_bandwidth_floor=(w_ / bw_floor) if bw_floor else None, **fr, **kw))
+
+        measured(f"{label}, lookup tables", n, w, cpu, nflops, ours=True,
+                 note=f"dx {dx} mm: {vox:,} voxels x {steps} steps")
+        s_ex = solver(ctx.backend, False)
+        w_ex, cpu_ex, v_ex = timed(s_ex, max(n_ref, steps // 4))
+        n_ex = vox * max(n_ref, steps // 4)
+        measured(f"{label}, exact formulas", n_ex, w_ex, cpu_ex, nflops_exact, ours_speedup=(n / w) / (n_ex / w_ex))
+        s_np = solver("numpy", False)
+        w_np, cpu_np, v_np = timed(s_np, n_ref)
+        n_np = vox * n_ref
+        _, _, v_ex_ref = timed(s_ex, n_ref)
+        d = lambda a: float(np.max(np.abs(a - v_np)) / np.max(np.abs(v_np)))  # noqa: E731
+        measured("twin numpy reference (1 thread, exact formulas)", n_np, w_np, cpu_np, nflops_exact,
+                 ours_speedup=(n / w) / (n_np / w_np), max_rel_diff=d(v_ours),
+                 note=f"{n_ref} steps; exact formulas vs numpy: max rel. diff of V {d(v_ex_ref):.1e}")
+        return rows
+
+    c.run = run
+    return c
+
+
+
 def ode_kernel_for(model, backend: str):
     from kernels.compile import ode_kernel
 
@@ -321,9 +417,8 @@ def kernel_cases() -> list[Case]:
         _ode_case("lorenz", "Lorenz ensemble (rho spread), t∈[0,1], DOPRI5 rtol=atol=1e-8", "lorenz_case", "lorenz"),
         _ode_case("pk", "2-cmt oral PK, 14 doses q12h, 169 hourly samples, DOPRI5 rtol 1e-8", "pk_case", "pk"),
         _ode_case("uva", "UVA/Padova T1D 24 h, simglucose per-minute inputs, DOPRI5 rtol 1e-6", "uva_case", "uva"),
-        # families not built yet: rows say so, no numbers
         _cell_case(),
-        Case("node-updates", "network", "network / graph model node updates", None),
+        _tissue_case(),
         _ligand_case(),
     ]
 

@@ -69,6 +69,12 @@ def markdown(res: dict) -> str:
                 cases[r["case"]] = (f"{r['case']}: {r['cpu_ms_per_cell_beat']:.2f} CPU-ms per cell-beat ({r.get('note', '')})"
                                     + (f"; {peer['peer']}: {peer['cpu_ms_per_cell_beat']:.2f} CPU-ms per cell-beat, "
                                        f"ours {peer['ours_speedup_per_cpu']:.1f}× per CPU-second" if peer else ""))
+            elif r.get("ours") and r["family"] == "node-updates":
+                xb = r.get("x_bandwidth_floor")
+                cases[r["case"]] = (f"{r['case']}: {r['bytes_per_node']} B and {r['flops_per_node']} counted flops per "
+                                    f"node-update (float64 arrays read/written once per step), {r['ms_per_step']:.2f} ms "
+                                    f"per step ({r.get('note', '')})"
+                                    + (f"; {xb:.1f}× the bandwidth floor (bytes × nodes ÷ copy bandwidth)" if xb else ""))
             elif r.get("ours") and r["family"] == "ligands":
                 peer = next((q for q in res["kernels"] if q["case"] == r["case"] and not q.get("ours")
                              and q["status"] == "ok"), None)
