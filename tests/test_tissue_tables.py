@@ -214,7 +214,9 @@ def test_table_step_between_nodes_is_within_the_interpolation_bound(tp06, upstro
 def test_scalar_table_step_of_the_cuda_kernel_equals_the_vectorised_one(tp06, upstroke_state, monkeypatch):
     """The CUDA kernel runs the scalar `model_rl_step_lut` (one thread per voxel); the C backend
     runs the vectorised loop. Built on the CPU without the vectorised loop, the scalar version
-    agrees with it to 1e-12 of the change (libm vs simd_math.c exp/log: an ulp or two)."""
+    agrees with it to 5e-11 of the change: libm vs simd_math.c exp/log (an ulp or two) and the
+    fused multiply-adds of the vectorised loop, whose few-ulp rounding differences show up relative
+    to the small changes of the slow states (measured 8.3e-12; 1e-12 before fused multiply-adds)."""
     m, _ = tp06
     s, Y0 = upstroke_state
     mask = s.mask.astype(bool)
@@ -223,7 +225,7 @@ def test_scalar_table_step_of_the_cuda_kernel_equals_the_vectorised_one(tp06, up
     monkeypatch.setattr(tb, "_CACHE", {})
     scalar = _one_step(tp06, tb.tissue_kernels(m, "cpu", tables=True), Y0, s)
     assert "TISSUE_LUT_SIMD 0" in tb.tissue_source(m)
-    assert _rel_err(simd, scalar, Y0, mask) < 1e-12
+    assert _rel_err(simd, scalar, Y0, mask) < 5e-11
 
 
 def test_voxels_outside_the_table_take_the_exact_step(tp06, upstroke_state):

@@ -30,7 +30,10 @@ SIMD_MATH = Path(__file__).with_name("simd_math.c")
 # -fno-trapping-math: lets GCC turn the table step's branches into selects and vectorise it; it only
 # drops floating-point trap semantics (never enabled here), values are unchanged. 512-bit vectors
 # where the CPU has them (GCC 12 does not vectorise the loop's AVX-512 masks at 256 bits).
-TISSUE_CFLAGS = ("-fno-trapping-math", "-mprefer-vector-width=512")
+# -fno-tree-pre: partial-redundancy elimination stretches live ranges across the ~300-statement
+# table loop and spills them to the stack; without it the table cell step is 15 % faster with the
+# same bits (benchmarks/RESULTS.md, tissue section).
+TISSUE_CFLAGS = ("-fno-trapping-math", "-mprefer-vector-width=512", "-fno-tree-pre")
 
 
 def fused_step_source(model: Model) -> str:

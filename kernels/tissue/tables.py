@@ -363,7 +363,12 @@ def lut_simd_source(plan: TablePlan | None) -> str:
                 return off
             e = f"{x} + _twin_h * ({f})"
         upd.append(f"        const real _twin_yn{i} = {e};")
+    # fused multiply-adds in this loop only (GCC): 5 % faster, values move by ~4e-15 relative, far
+    # below the table's interpolation error; the exact step keeps -ffp-contract=off (NumPy rounding)
     lines = ["#define TISSUE_LUT_SIMD 1", f"#define TISSUE_LUT_VIDX {vi}",
+             "#if defined(__GNUC__) && !defined(__clang__)",
+             '__attribute__((optimize("fp-contract=fast")))',
+             "#endif",
              "static void tissue_cell_lut_range(twin_idx _twin_c0, twin_idx _twin_c1, twin_idx _twin_n,",
              "                                  const unsigned char* _twin_mask, real* _twin_Y, real* _twin_Vs,",
              "                                  const real* p, const signed char* _twin_sid, const real* _twin_amp,",
