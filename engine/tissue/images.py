@@ -8,8 +8,8 @@ order (an LPS-space NRRD has x and y negated). Oblique images (array axes not al
 would need resampling and are refused. .npy/.npz arrays carry no header: their axes are x, y, z.
 
 Fibre vectors (3 components per voxel) are taken to be in the same world frame as the file's
-space (RAS for NIfTI; the NRRD `space`, through its `measurement frame` when one is given), so
-they are converted to RAS components and need no change when the array is reoriented.
+space (RAS for NIfTI; the NRRD `space`, whose measurement frame must be the identity), so they are
+converted to RAS components and need no change when the array is reoriented.
 """
 
 from __future__ import annotations
@@ -110,8 +110,12 @@ def _nrrd(path: Path, vector: bool) -> Volume:
                              f"{', '.join(k for k in _NRRD_SPACES if '-' in k)}")
         sign = np.array(_NRRD_SPACES[space], float)
         A = sign[:, None] * sd[spatial].T  # columns: RAS world step of each spatial axis
-        mf = np.asarray(hdr.get("measurement frame", np.eye(3)), float)
-        comp = sign[:, None] * mf  # vector components (measurement frame) -> RAS
+        mf = hdr.get("measurement frame")
+        if vector and mf is not None and not np.allclose(np.asarray(mf, float), np.eye(3), atol=1e-9):
+            # rare for fibre fields, and tools disagree on whether its vectors are rows or columns
+            raise ImageError(f"measurement frame {np.asarray(mf, float).tolist()} is not supported: store the "
+                             f"fibre vectors in the image's space (identity measurement frame)")
+        comp = np.diag(sign)  # vector components in the file's space -> RAS
     else:  # no orientation: index space, spacings along the array axes
         spatial = list(range(min(nd, 3)))
         sp = np.asarray(hdr.get("spacings", [np.nan] * nd), float)
