@@ -130,6 +130,32 @@ def test_numpy_and_cpu_diffusion_agree_on_irregular_mask_with_cross_terms():
     assert np.max(np.abs(a - b)[mask]) < 1e-12 * np.max(np.abs(v0))
 
 
+@pytest.mark.parametrize("backend", ["cpu", "numpy"])
+def test_overlapping_stimuli_add_their_currents(backend):
+    """Three stimuli whose regions overlap (an S2 over part of an S1, as planning's keep_stimuli
+    makes them), on the passive membrane dV/dt = -I_stim with diffusion switched off: each voxel's
+    V after the pulses is exactly minus the sum of the currents of the stimuli covering it times
+    their overlap in time (0.1-ms steps, pulse edges on step boundaries)."""
+    from engine.tissue.solver import TissueSolver
+
+    shape = (6, 4, 2)
+    g = _geom(shape, 0.25, 0.0, 0.0)
+    a = np.zeros(shape, bool)
+    a[:4] = True
+    b = np.zeros(shape, bool)
+    b[2:] = True
+    c = np.zeros(shape, bool)
+    c[3, 1:3] = True
+    st = [Stimulus(a, 0.0, 1.0, -1.0), Stimulus(b, 0.5, 1.0, -2.0), Stimulus(c, 0.0, 2.0, -4.0, period=3.0, count=2)]
+    s = TissueSolver(g, PASSIVE, np.zeros(0), tissue_kernels(PASSIVE, backend), st, 0.1)
+    for _ in range(40):  # to 4 ms: c pulses again at 3 ms
+        s.step()
+    V = s.gather(s.Y[s.vidx])
+    expect = 1.0 * 1.0 * a + 2.0 * 1.0 * b + 4.0 * 3.0 * c
+    np.testing.assert_allclose(V, expect, rtol=1e-12, atol=1e-12)
+    assert sorted(np.unique(expect)) == [1.0, 2.0, 3.0, 15.0]  # a, b, a+b, a+b+c (c pulsed twice)
+
+
 # ------------------------------------------------------------------------------- stability
 def test_stability_limit_is_the_real_one():
     """max_stable_dt is sharp for the 7-point stencil: 1.02x the limit blows up a checkerboard
