@@ -157,10 +157,14 @@ def test_sigkill_one_rank_then_rerun_is_bit_identical(case):
     assert _resumed(out) >= KILL_AT_STEP * 0.05
     _same(ref, _read(out / "RUN.h5"))
     assert not (out / "checkpoint").exists()
-    # a finished run rerun is a no-op that leaves the result as it was
+    # a finished run rerun is a no-op that leaves the result as it was, and removes checkpoints a kill
+    # between writing the result and clearing them would have left
     before = (out / "RUN.h5").stat().st_mtime_ns
+    (out / "checkpoint").mkdir()
+    (out / "checkpoint" / "state.h5").write_bytes(b"stale")
     assert run_twin("run", job2, "-o", out, "-q").returncode == 0
     assert (out / "RUN.h5").stat().st_mtime_ns == before
+    assert not (out / "checkpoint").exists()
 
 
 @pytest.mark.mpi

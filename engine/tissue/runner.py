@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -70,8 +71,11 @@ def run_tissue(loaded, out_dir: Path, comm=None, quiet: bool = False) -> int:
     _on_rank0(comm, lambda: _check_existing(master, loaded))
     done = comm.bcast(master.exists(), root=0)
     if done:
-        if comm.rank == 0 and not quiet:
-            print(f"{master}: already complete (same job); nothing to do")
+        if comm.rank == 0:
+            # a kill between writing the result and removing the checkpoints leaves them behind
+            shutil.rmtree(out_dir / "checkpoint", ignore_errors=True)
+            if not quiet:
+                print(f"{master}: already complete (same job); nothing to do")
         return EXIT_OK
     plan = make_plan(loaded)
     ts = loaded.job.tissue
