@@ -55,6 +55,25 @@ def world():
     return MPI.COMM_WORLD
 
 
+def cuda_aware_mpi() -> bool:
+    """Whether the MPI library under mpi4py accepts device (CUDA) buffers: TWIN_CUDA_AWARE_MPI=1/0
+    decides if set, else the library's own answer (MPIX_Query_cuda_support, MPICH >= 4 and Open MPI
+    >= 4; a library without it counts as not CUDA-aware)."""
+    env = os.environ.get("TWIN_CUDA_AWARE_MPI", "").strip()
+    if env in ("0", "1"):
+        return env == "1"
+    try:
+        import ctypes
+
+        from mpi4py import MPI
+
+        query = ctypes.CDLL(MPI.__file__).MPIX_Query_cuda_support  # found through mpi4py's libmpi
+    except (ImportError, OSError, AttributeError):
+        return False
+    query.restype = ctypes.c_int
+    return bool(query())
+
+
 def lor(comm, flag: bool) -> bool:
     if isinstance(comm, SerialComm):
         return bool(flag)

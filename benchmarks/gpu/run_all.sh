@@ -22,6 +22,8 @@ python3 -m pytest -q -p no:cacheprovider tests/test_docking_cuda.py tests/test_d
   2>&1 | tee -a "$OUT/parity.txt"
 # tissue: the monodomain kernels (exact and lookup-table cell step) on cuda vs cpu
 python3 -m pytest -q -p no:cacheprovider tests/test_tissue.py -k cuda -rs 2>&1 | tee -a "$OUT/parity.txt"
+# tissue over 2 MPI ranks on cuda (halo planes staged through the host unless MPI is CUDA-aware)
+python3 -m pytest -q -p no:cacheprovider tests/test_tissue_mpi.py -k cuda -rs 2>&1 | tee -a "$OUT/parity.txt"
 # throughput: ours (cuda) vs Diffrax (JAX on the GPU) vs torchdiffeq (batched, GPU)
 python3 benchmarks/ensemble.py --backend cuda --torchdiffeq -o "$OUT/ensemble_gpu.json" 2>&1 | tee "$OUT/ensemble_gpu.txt"
 # docking: cuda vs cpu best scores, 1stp redock on the GPU, ligands/s vs single-core AutoDock Vina

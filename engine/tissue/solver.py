@@ -8,8 +8,9 @@ for gating states, forward Euler otherwise), then `substeps` explicit diffusion 
 
 Decomposition: the grid's x axis is cut into contiguous slabs, one per rank (`slab_bounds`). Each
 rank holds its slab padded by one ghost plane on every side. Before every diffusion step the
-potential's boundary planes go to the neighbouring ranks (mpi4py Sendrecv; device arrays are staged
-through host memory). Every voxel's arithmetic is the same whatever the rank count, so maps and
+potential's boundary planes go to the neighbouring ranks (mpi4py Sendrecv; device arrays go straight
+to a CUDA-aware MPI library, else they are staged through host memory: engine/parallel.cuda_aware_mpi).
+Every voxel's arithmetic is the same whatever the rank count, so maps and
 traces equal the one-rank run exactly; only the pseudo-ECG sum is reduced in a different order.
 """
 
@@ -89,6 +90,12 @@ class TissueSolver:
         self.shape = (nxl + 2, NY + 2, NZ + 2)
         self.n = int(np.prod(self.shape))
         self.plane = (NY + 2) * (NZ + 2)
+        if xp is not np and s > 1:
+            from engine.parallel import cuda_aware_mpi
+
+            self.cuda_aware = cuda_aware_mpi()
+        else:
+            self.cuda_aware = False
         self.own = (slice(1, nxl + 1), slice(1, NY + 1), slice(1, NZ + 1))
         # x-range of the global grid this padded slab covers, ghost planes included
         lo, hi = self.x0 - 1, self.x1 + 1
@@ -155,8 +162,18 @@ class TissueSolver:
         left = c.rank - 1 if c.rank > 0 else MPI.PROC_NULL
         right = c.rank + 1 if c.rank < c.size - 1 else MPI.PROC_NULL
         xp = self.xp
+        if xp is not np and self.cuda_aware:  # device buffers straight to a CUDA-aware MPI
+            xp.cuda.get_current_stream().synchronize()  # the planes must be written before MPI reads them
+            recv_r, recv_l = xp.empty(P), xp.empty(P)
+            c.Sendrecv(V[P:2 * P], dest=left, sendtag=1, recvbuf=recv_r, source=right, recvtag=1)
+            c.Sendrecv(V[nxl * P:(nxl + 1) * P], dest=right, sendtag=2, recvbuf=recv_l, source=left, recvtag=2)
+            if c.rank < c.size - 1:
+                V[(nxl + 1) * P:(nxl + 2) * P] = recv_r
+            if c.rank > 0:
+                V[0:P] = recv_l
+            return
         host = V if xp is np else None
-        if host is None:  # device memory staged through the host (no CUDA-aware MPI assumed)
+        if host is None:  # device memory staged through the host (MPI not CUDA-aware)
             send_l, send_r = xp.asnumpy(V[P:2 * P]), xp.asnumpy(V[nxl * P:(nxl + 1) * P])
         else:
             send_l, send_r = np.ascontiguousarray(V[P:2 * P]), np.ascontiguousarray(V[nxl * P:(nxl + 1) * P])
