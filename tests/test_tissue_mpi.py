@@ -14,53 +14,14 @@ import numpy as np
 import pytest
 
 from tests.helpers import MPIEXEC, mpi_cmd, run_twin
+from tests.tissue_helpers import SLAB_JOB
 
 pytestmark = [pytest.mark.mpi, pytest.mark.skipif(MPIEXEC is None, reason="mpiexec not installed")]
 
 ROOT = Path(__file__).resolve().parents[1]
 TP06 = ROOT / "tests" / "data" / "cardiac" / "ten_tusscher_model_2006_epi.cellml"
 
-# a 6 x 3 x 1.5 mm slab with rotated fibres (cross terms cross the slab cuts), two stimuli (one
-# paced twice) and an APD: exercises every array the halo carries
-JOB = f"""
-[job]
-name = "tissue_mpi"
-backend = "cpu"
-
-[tissue]
-dx = 0.25
-dt = 0.05
-end_time = 40.0
-
-[tissue.cell]
-file = "{TP06.name}"
-
-[tissue.geometry]
-size_mm = [6.0, 3.0, 1.5]
-
-[tissue.conductivity]
-sigma_long = 0.133418
-sigma_trans = 0.017606
-
-[tissue.fibres]
-direction = [1.0, 0.5, 0.2]
-
-[[tissue.stimuli]]
-lo_mm = [0.0, 0.0, 0.0]
-hi_mm = [1.0, 1.0, 1.5]
-current = 50.0
-
-[[tissue.stimuli]]
-centre_mm = [6.0, 3.0, 0.0]
-radius_mm = 0.6
-start = 20.0
-duration = 2.0
-
-[tissue.outputs]
-trace_every = 0.5
-points = {{ a = [0.0, 0.0, 0.0], b = [3.0, 1.5, 0.75], c = [6.0, 3.0, 1.5] }}
-electrodes = [{{ name = "e1", position_mm = [10.0, 1.5, 0.75] }}, {{ name = "e2", position_mm = [3.0, 6.0, 0.0] }}]
-"""
+JOB = SLAB_JOB
 
 
 def _read(p: Path) -> dict:

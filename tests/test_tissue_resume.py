@@ -22,52 +22,15 @@ import numpy as np
 import pytest
 
 from tests.helpers import MPIEXEC, TWIN, mpi_cmd, run_twin
+from tests.tissue_helpers import SLAB_JOB
 
 ROOT = Path(__file__).resolve().parents[1]
 TP06 = ROOT / "tests" / "data" / "cardiac" / "ten_tusscher_model_2006_epi.cellml"
 
 # the slab of tests/test_tissue_mpi.py (oblique fibres: the halo carries cross terms), run long
 # enough (4000 steps, ~5 s) to be killed half way; a checkpoint at every trace sample
-JOB = f"""
-[job]
-name = "tissue_resume"
-backend = "cpu"
-
-[tissue]
-dx = 0.25
-dt = 0.05
-end_time = 200.0
-checkpoint_every_s = 0.0
-
-[tissue.cell]
-file = "{TP06.name}"
-
-[tissue.geometry]
-size_mm = [6.0, 3.0, 1.5]
-
-[tissue.conductivity]
-sigma_long = 0.133418
-sigma_trans = 0.017606
-
-[tissue.fibres]
-direction = [1.0, 0.5, 0.2]
-
-[[tissue.stimuli]]
-lo_mm = [0.0, 0.0, 0.0]
-hi_mm = [1.0, 1.0, 1.5]
-current = 50.0
-
-[[tissue.stimuli]]
-centre_mm = [6.0, 3.0, 0.0]
-radius_mm = 0.6
-start = 20.0
-duration = 2.0
-
-[tissue.outputs]
-trace_every = 0.5
-points = {{ a = [0.0, 0.0, 0.0], b = [3.0, 1.5, 0.75], c = [6.0, 3.0, 1.5] }}
-electrodes = [{{ name = "e1", position_mm = [10.0, 1.5, 0.75] }}]
-"""
+JOB = (SLAB_JOB.replace('name = "tissue_mpi"', 'name = "tissue_resume"')
+       .replace("end_time = 40.0", "end_time = 200.0\ncheckpoint_every_s = 0.0"))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 KILL_AT_STEP = 1500  # of 4000
 

@@ -1,5 +1,6 @@
 """Shared pieces of the tissue tests: a passive 'cell' (dV/dt = -I_stim) that turns the monodomain
-solver into the plain heat equation, and a runner for it."""
+solver into the plain heat equation, a runner for it, and the small TP06 slab job of the MPI and
+resume tests."""
 
 from __future__ import annotations
 
@@ -28,3 +29,47 @@ def heat(geom: Geometry, v0: np.ndarray, dt: float, steps: int, backend: str = "
     for _ in range(steps):
         s.step()
     return s.gather(s.Y[s.vidx])
+
+
+# a TP06 job (copy the cell file beside it): a 6 x 3 x 1.5 mm slab with rotated fibres (cross
+# terms cross the slab cuts), two stimuli (one paced twice) and an APD: exercises every array
+# the halo carries
+SLAB_JOB = """
+[job]
+name = "tissue_mpi"
+backend = "cpu"
+
+[tissue]
+dx = 0.25
+dt = 0.05
+end_time = 40.0
+
+[tissue.cell]
+file = "ten_tusscher_model_2006_epi.cellml"
+
+[tissue.geometry]
+size_mm = [6.0, 3.0, 1.5]
+
+[tissue.conductivity]
+sigma_long = 0.133418
+sigma_trans = 0.017606
+
+[tissue.fibres]
+direction = [1.0, 0.5, 0.2]
+
+[[tissue.stimuli]]
+lo_mm = [0.0, 0.0, 0.0]
+hi_mm = [1.0, 1.0, 1.5]
+current = 50.0
+
+[[tissue.stimuli]]
+centre_mm = [6.0, 3.0, 0.0]
+radius_mm = 0.6
+start = 20.0
+duration = 2.0
+
+[tissue.outputs]
+trace_every = 0.5
+points = { a = [0.0, 0.0, 0.0], b = [3.0, 1.5, 0.75], c = [6.0, 3.0, 1.5] }
+electrodes = [{ name = "e1", position_mm = [10.0, 1.5, 0.75] }, { name = "e2", position_mm = [3.0, 6.0, 0.0] }]
+"""
