@@ -268,6 +268,65 @@ def test_sigterm_before_time_limit_requeues_itself(slurm, tmp_path, tmp_path_fac
     assert st["slurm"]["restarts"] == 1
 
 
+@pytest.mark.slurm
+def test_tissue_job_sigterm_requeues_and_resumes_from_its_checkpoint(slurm, tmp_path):
+    """A tissue job (the slab of the MPI tests, 6000 steps) on 2 ranks under srun with --requeue:
+    SIGTERM once a checkpoint past step 1500 exists, the ranks save their state and exit 75, the
+    script requeues the job, and the second start continues from the checkpoint. The result equals
+    a local one-rank run: maps and traces bit for bit, the pseudo-ECG to 1e-12 relative (a
+    lead-field sum over 2 ranks' voxels)."""
+    import shutil
+
+    import numpy as np
+
+    from tests.tissue_helpers import SLAB_JOB
+
+    tp06 = Path(__file__).parent / "data" / "cardiac" / "ten_tusscher_model_2006_epi.cellml"
+    shutil.copy(tp06, tmp_path / tp06.name)
+    job = tmp_path / "job.toml"
+    job.write_text(SLAB_JOB.replace('name = "tissue_mpi"', 'name = "tissue_requeue"')
+                   .replace("end_time = 40.0", "end_time = 300.0\ncheckpoint_every_s = 0.0"))
+    out = tmp_path / "run"
+
+    def steps() -> int:
+        try:
+            with h5py.File(out / "checkpoint" / "state.h5", "r") as h:
+                return int(h.attrs["steps"])
+        except (OSError, KeyError):
+            return -1
+
+    jid = submit(slurm, job, "--requeue", "--ntasks-per-node", "2", "--time", "00:10:00", "-o", out, cwd=tmp_path)
+    poll(lambda: steps() >= 1500, timeout=120, what="a tissue checkpoint past step 1500", every=0.05)
+    subprocess.run(["scancel", "--signal=TERM", str(jid)], env=slurm.env, check=True)
+
+    def requeued():
+        info = slurm.job_info(jid)
+        return info.get("JobState") == "PENDING" and int(info.get("Restarts", 0)) >= 1
+
+    poll(requeued, timeout=60, what="the job back in the queue")
+    assert not (out / "RUN.h5").exists() and 1500 <= steps() < 6000
+    poll(slurm.node_idle, timeout=60, what="the node idle after the requeue")
+    time.sleep(2)  # see _requeue_run: slurmd will not relaunch a job within the second it was killed
+    subprocess.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], env=slurm.env, check=True)
+    run_twin("run", job, "-o", tmp_path / "ref", "-q", env={"OMP_NUM_THREADS": "1"}, check=True)
+    finish(slurm, jid, out)
+    log = outputs(out)
+    assert "twin run exited 75" in log and f"requeueing job {jid}" in log and "(restart 1)" in log, log
+    with h5py.File(out / "RUN.h5", "r") as f:
+        stats = json.loads(f.attrs["stats"])
+        got = {k: f[k][()] for k in f if isinstance(f[k], h5py.Dataset) and f[k].dtype.kind in "fiub"}
+    assert stats["resumed_at_ms"] >= 1500 * 0.05 and stats["ranks"] == 2
+    with h5py.File(tmp_path / "ref" / "RUN.h5", "r") as f:
+        ref = {k: f[k][()] for k in f if isinstance(f[k], h5py.Dataset) and f[k].dtype.kind in "fiub"}
+    assert ref.keys() == got.keys()
+    for k, v in ref.items():
+        if k == "ecg":
+            np.testing.assert_allclose(got[k], v, rtol=1e-12, atol=1e-12 * np.abs(v).max())
+        else:
+            assert np.array_equal(got[k], v, equal_nan=True), k
+    assert not (out / "checkpoint").exists()
+
+
 # ------------------------------------------------------------------------------------ no Slurm needed
 def test_dry_run_renders_every_template(tmp_path, job_file):
     job = job_file(small_job(name="dry") + '\n[slurm]\nntasks_per_node = 4\ntime = "02:00:00"\naccount = "proj1"\n')

@@ -111,9 +111,10 @@ def test_sigkill_one_rank_then_rerun_is_bit_identical(case):
     out = d / "k1"
     _start_and_kill(1, job, out)
     assert not (out / "RUN.h5").exists() and _checkpoint_steps(out) >= KILL_AT_STEP
-    # the rerun may change how often checkpoints are taken: that is not the job's science
+    # the rerun may change how often checkpoints are taken and the [slurm] section: not the science
     job2 = d / "job_every_60s.toml"
-    job2.write_text(JOB.replace("checkpoint_every_s = 0.0", "checkpoint_every_s = 60.0"))
+    job2.write_text(JOB.replace("checkpoint_every_s = 0.0", "checkpoint_every_s = 60.0")
+                    + '\n[slurm]\npartition = "other"\ntime = "01:00:00"\n')
     p = run_twin("run", job2, "-o", out, env={"OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr
     assert "resumed from the checkpoint at t = " in p.stdout
@@ -125,7 +126,8 @@ def test_sigkill_one_rank_then_rerun_is_bit_identical(case):
     before = (out / "RUN.h5").stat().st_mtime_ns
     (out / "checkpoint").mkdir()
     (out / "checkpoint" / "state.h5").write_bytes(b"stale")
-    assert run_twin("run", job2, "-o", out, "-q").returncode == 0
+    p = run_twin("run", job, "-o", out)  # the original text: same science, so the same finished run
+    assert p.returncode == 0 and "already complete" in p.stdout, p.stderr
     assert (out / "RUN.h5").stat().st_mtime_ns == before
     assert not (out / "checkpoint").exists()
 
@@ -171,6 +173,15 @@ def test_checkpoint_of_another_job_or_a_corrupt_one_is_refused(case):
     assert p.returncode != 0
     err = p.stderr.strip().splitlines()[-1]
     assert "checkpoint of a different job" in err and str(out / "checkpoint" / "state.h5") in err, p.stderr
+    # the same job text with an edited cell model file is another job too
+    d2 = d / "edited_model"
+    d2.mkdir(exist_ok=True)
+    (d2 / "job.toml").write_text(JOB)
+    cell = TP06.read_text()
+    assert cell.count("14.838") >= 1  # g_Na
+    (d2 / TP06.name).write_text(cell.replace("14.838", "14.9", 1))
+    p = run_twin("run", d2 / "job.toml", "-o", out)
+    assert p.returncode != 0 and "checkpoint of a different job" in p.stderr.strip().splitlines()[-1], p.stderr
     (out / "checkpoint" / "state.h5").write_bytes(b"\x89HDF\r\n\x1a\n truncated")
     p = run_twin("run", job, "-o", out)
     assert p.returncode != 0

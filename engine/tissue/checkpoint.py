@@ -11,8 +11,8 @@ so the result equals an uninterrupted run bit for bit. Files are written to a te
 fsync'ed and renamed (a kill leaves the previous checkpoint or the new one, never half of one).
 
 A checkpoint belongs to one job: its fingerprint (the validated job without [slurm] and without
-`tissue.checkpoint_every_s`, which changes when checkpoints are taken, not what they hold) must
-match, else the run refuses to resume from it.
+`tissue.checkpoint_every_s`, which changes when checkpoints are taken, not what they hold, plus the
+contents of the cell model / geometry / fibre files) must match, else the run refuses to resume.
 """
 
 from __future__ import annotations
@@ -33,7 +33,16 @@ FORMAT = "twin-tissue-checkpoint/1"
 
 
 def fingerprint(loaded) -> str:
+    """The job's science: its validated keys and the bytes of the files they name (an edited cell
+    model or geometry image under the same name is another job)."""
     science = loaded.job.model_dump(mode="json", exclude={"slurm": True, "tissue": {"checkpoint_every_s"}})
+    ts = loaded.job.tissue
+    files = {}
+    for key, name in (("cell", ts.cell.file), ("geometry", ts.geometry.file), ("fibres", ts.fibres.file)):
+        p = loaded.resolve(name) if name else None
+        if p is not None and p.is_file():
+            files[key] = hashlib.sha256(p.read_bytes()).hexdigest()
+    science["_files"] = files
     return hashlib.sha256(json.dumps(science, sort_keys=True).encode()).hexdigest()
 
 
@@ -140,6 +149,12 @@ class Checkpoints:
         path = self.dir / STATE
         if not self.comm.bcast(path.exists() if self.comm.rank == 0 else None, root=0):
             return None
+        try:
+            return self._load(solver, path)
+        except (OSError, KeyError, ValueError) as e:  # damaged after check(): say which file, not a traceback
+            raise StoreError(f"{path}: unreadable checkpoint ({e}); remove it to start over") from None
+
+    def _load(self, solver, path: Path):
         import h5py
 
         with h5py.File(path, "r") as h:

@@ -107,6 +107,7 @@ def run_tissue(loaded, out_dir: Path, comm=None, quiet: bool = False) -> int:
             return EXIT_INTERRUPTED
         if comm.rank == 0:
             prov["end_time"] = utc_now()
+            prov["tissue_fingerprint"] = ck.fp  # same science = done, whatever [slurm] says
             if ts.planning is None:
                 if not quiet:
                     sys.stderr.write("\n")
@@ -139,10 +140,12 @@ def _check_existing(master: Path, loaded) -> None:
     try:
         with h5py.File(master, "r") as f:
             sha = f.attrs.get("job_sha256")
+            fp = f.attrs.get("tissue_fingerprint")
     except OSError as e:
         raise StoreError(f"{master}: cannot read existing result ({e}); remove it or choose another output") from None
     sha = sha.decode() if isinstance(sha, bytes) else sha
-    if sha != loaded.sha256:
+    fp = fp.decode() if isinstance(fp, bytes) else fp
+    if sha != loaded.sha256 and fp != fingerprint(loaded):
         raise StoreError(f"{master}: holds the result of a different job (sha256 {str(sha)[:16]}); "
                          "choose another output directory")
 
@@ -239,6 +242,8 @@ def _planning(loaded, plan: Plan, ts, kernels, xp, comm, ck, stop) -> list[dict]
     finished candidate is checkpointed at once; rank 0 ranks them all."""
     pl = ts.planning
     done = ck.done_candidates()
+    if done and comm.rank == 0:
+        print(f"resumed: {len(done)} of {len(pl.candidates)} candidates from the checkpoint", flush=True)
     todo = [i for i in range(len(pl.candidates)) if i not in done]
     mine, interrupted = [], False
     for k, i in enumerate(todo):
